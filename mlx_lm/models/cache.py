@@ -1,0 +1,553 @@
+"""Prompt caches: what each attention (or recurrent) layer keeps between steps.
+
+Every cache holds keys/values (or state) of shape [B, n_kv_heads, T, head_dim] and
+returns from `update_and_fetch` what the layer's attention should read. `state` and
+`meta_state` are what `save_prompt_cache` writes; `from_state` rebuilds a cache.
+"""
+
+from typing import Any, Dict, List, Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .base import create_causal_mask
+
+
+def _causal_mask_for(N: int, offset: int, window_size: Optional[int], return_array: bool):
+    """Mask for N new queries after `offset` cached tokens in a linear (non-ring) cache."""
+    if window_size is not None and offset + N > window_size:
+        return create_causal_mask(N, offset, window_size=window_size)
+    if N == 1:
+        return None
+    if return_array:
+        return create_causal_mask(N, offset, window_size=window_size)
+    return "causal"
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for _, x in tree_flatten(tree) if isinstance(x, mx.array))
+
+
+class _BaseCache:
+    """The interface every cache class implements."""
+
+    @property
+    def state(self):
+        return []
+
+    @state.setter
+    def state(self, v):
+        if v is not None and v:
+            raise ValueError(f"{type(self).__name__} holds no state to set.")
+
+    @property
+    def meta_state(self):
+        return ""
+
+    @meta_state.setter
+    def meta_state(self, v):
+        if v is not None and v:
+            raise ValueError(f"{type(self).__name__} holds no meta state to set.")
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def trim(self, n: int) -> int:
+        return 0
+
+    def size(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return self.size() == 0
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.state)
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        obj = cls.__new__(cls)
+        cls.__init__(obj)
+        obj.state = state
+        obj.meta_state = meta_state
+        return obj
+
+
+class KVCache(_BaseCache):
+    """An unbounded FP16 (model dtype) cache, grown in blocks of `step` tokens."""
+
+    step = 256
+
+    def __init__(self):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        prev = self.offset
+        S = keys.shape[2]
+        if self.keys is None or prev + S > self.keys.shape[2]:
+            B, n_kv_heads, _, k_head_dim = keys.shape
+            v_head_dim = values.shape[3]
+            n_steps = (self.step + S - 1) // self.step
+            new_k = mx.zeros((B, n_kv_heads, n_steps * self.step, k_head_dim), keys.dtype)
+            new_v = mx.zeros((B, n_kv_heads, n_steps * self.step, v_head_dim), values.dtype)
+            if self.keys is not None:
+                if prev % self.step != 0:
+                    self.keys = self.keys[..., :prev, :]
+                    self.values = self.values[..., :prev, :]
+                self.keys = mx.concatenate([self.keys, new_k], axis=2)
+                self.values = mx.concatenate([self.values, new_v], axis=2)
+            else:
+                self.keys, self.values = new_k, new_v
+        self.offset += S
+        self.keys[..., prev : self.offset, :] = keys
+        self.values[..., prev : self.offset, :] = values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    def size(self):
+        return self.offset
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        if self.offset == self.keys.shape[2]:
+            return self.keys, self.values
+        return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+
+    @state.setter
+    def state(self, v):
+        if not v:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        self.keys, self.values = v
+        self.offset = self.keys.shape[2]
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        return _causal_mask_for(N, self.offset, window_size, return_array)
+
+    @property
+    def nbytes(self):
+        # The preallocated block is memory held, so count all of it.
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedKVCache":
+        """Convert to upstream's affine-quantized cache (`--kv-bits`)."""
+        quant_cache = QuantizedKVCache(group_size=group_size, bits=bits)
+        quant_cache.offset = self.offset
+        if self.keys is not None:
+            keys, values = self.state
+            quant_cache.keys = mx.quantize(keys, group_size=group_size, bits=bits)
+            quant_cache.values = mx.quantize(values, group_size=group_size, bits=bits)
+        return quant_cache
+
+
+class RotatingKVCache(_BaseCache):
+    """A bounded cache: the first `keep` tokens plus the most recent ones, at most
+    `max_size` in all, held in a ring buffer (sliding-window layers, `--max-kv-size`).
+
+    Single-token updates write in place; multi-token updates put the buffer back in
+    temporal order and append, keeping `max_size - 1` old tokens so every new query
+    still sees a full window (the mask from `make_mask` limits each query to it).
+    """
+
+    step = 256
+
+    def __init__(self, max_size: Optional[int] = None, keep: int = 0, step: int = 256):
+        self.keep = keep
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.max_size = max_size
+        self.step = step
+        self._idx = 0
+
+    def _trim(self, trim_size, v, append=None):
+        to_cat = []
+        if trim_size > 0:
+            to_cat = [v[..., : self.keep, :], v[..., trim_size + self.keep :, :]]
+        else:
+            to_cat = [v]
+        if append is not None:
+            to_cat.append(append)
+        return mx.concatenate(to_cat, axis=2)
+
+    def _temporal_order(self, v):
+        """The buffer's tokens oldest first (the ring may have wrapped)."""
+        if self._idx == v.shape[2]:
+            return v
+        if self._idx < self.offset:
+            return mx.concatenate(
+                [v[..., : self.keep, :], v[..., self._idx :, :], v[..., self.keep : self._idx, :]], axis=2
+            )
+        return v[..., : self._idx, :]
+
+    def _update_concat(self, keys, values):
+        if self.keys is None:
+            self.keys, self.values = keys, values
+        else:
+            self.keys = self._temporal_order(self.keys)
+            self.values = self._temporal_order(self.values)
+            self._idx = self.keys.shape[2]
+            trim_size = self._idx - self.max_size + 1
+            self.keys = self._trim(trim_size, self.keys, keys)
+            self.values = self._trim(trim_size, self.values, values)
+        self.offset += keys.shape[2]
+        self._idx = self.keys.shape[2]
+        return self.keys, self.values
+
+    def _update_in_place(self, keys, values):
+        B, n_kv_heads, S, k_head_dim = keys.shape
+        prev = self.offset
+        if self.keys is None or (prev >= self.keys.shape[2] and self.keys.shape[2] < self.max_size):
+            v_head_dim = values.shape[3]
+            new_size = min(self.step, self.max_size - prev)
+            new_k = mx.zeros((B, n_kv_heads, new_size, k_head_dim), keys.dtype)
+            new_v = mx.zeros((B, n_kv_heads, new_size, v_head_dim), values.dtype)
+            if self.keys is not None:
+                self.keys = mx.concatenate([self.keys, new_k], axis=2)
+                self.values = mx.concatenate([self.values, new_v], axis=2)
+            else:
+                self.keys, self.values = new_k, new_v
+            self._idx = prev
+
+        trim_size = self.keys.shape[2] - self.max_size
+        if trim_size > 0:
+            self.keys = self._trim(trim_size, self.keys)
+            self.values = self._trim(trim_size, self.values)
+            self._idx = self.max_size
+
+        if self._idx == self.max_size:
+            self._idx = self.keep
+
+        self.keys[..., self._idx : self._idx + S, :] = keys
+        self.values[..., self._idx : self._idx + S, :] = values
+        self.offset += S
+        self._idx += S
+
+        if self.offset < self.max_size:
+            return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return self.keys, self.values
+
+    def update_and_fetch(self, keys, values):
+        if keys.shape[2] == 1:
+            return self._update_in_place(keys, values)
+        return self._update_concat(keys, values)
+
+    def size(self):
+        return min(self.offset, self.max_size)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        if self.offset < self.keys.shape[2]:
+            return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+        return self.keys, self.values
+
+    @state.setter
+    def state(self, v):
+        if not v:
+            self.keys = self.values = None
+            return
+        self.keys, self.values = v
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.keep, self.max_size, self.step, self.offset, self._idx)))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.keep, self.max_size, self.step, self.offset, self._idx = map(int, v)
+
+    def is_trimmable(self):
+        return self.offset < self.max_size
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        self._idx -= n
+        return n
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        if N > 1:
+            window_size = window_size or self.max_size
+            offset = min(self.max_size - 1, self.offset)
+            if offset + N > window_size or return_array:
+                return create_causal_mask(N, offset, window_size=window_size)
+            return "causal"
+        if window_size is None or self.offset < window_size or self.max_size <= window_size:
+            return None
+        # A window narrower than the buffer: mask the oldest slots of the ring.
+        idx = self._idx if self._idx < self.max_size else self.keep
+        size = min(self.max_size, self.offset + 1)
+        mask = mx.arange(size) >= (size - window_size)
+        return mx.roll(mask, shift=idx + 1)
+
+    @property
+    def nbytes(self):
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+class QuantizedKVCache(_BaseCache):
+    """Upstream's affine-quantized cache (`--kv-bits`): keys and values as
+    (packed, scales, biases) from `mx.quantize`, grown in blocks of `step` tokens."""
+
+    step = 256
+
+    def __init__(self, group_size: int = 64, bits: int = 8):
+        self.keys = None
+        self.values = None
+        self.offset = 0
+        self.group_size = group_size
+        self.bits = bits
+
+    def update_and_fetch(self, keys, values):
+        B, n_kv_heads, S, k_head_dim = keys.shape
+        v_head_dim = values.shape[-1]
+        prev = self.offset
+
+        if self.keys is None or (prev + S) > self.keys[0].shape[-2]:
+            el_per_int = 8 * mx.uint32.size // self.bits
+            new_steps = (self.step + S - 1) // self.step * self.step
+
+            def init_quant(dim):
+                shape = (B, n_kv_heads, new_steps)
+                return (
+                    mx.zeros((*shape, dim // el_per_int), dtype=mx.uint32),
+                    mx.zeros((*shape, dim // self.group_size), dtype=keys.dtype),
+                    mx.zeros((*shape, dim // self.group_size), dtype=keys.dtype),
+                )
+
+            def expand_quant(x):
+                new_x = mx.zeros((*x.shape[:-2], new_steps, x.shape[-1]), dtype=x.dtype)
+                return mx.concatenate([x, new_x], axis=-2)
+
+            if self.keys is not None:
+                if prev % self.step != 0:
+                    self.keys, self.values = tree_map(lambda x: x[..., :prev, :], (self.keys, self.values))
+                self.keys, self.values = tree_map(expand_quant, (self.keys, self.values))
+            else:
+                self.keys, self.values = init_quant(k_head_dim), init_quant(v_head_dim)
+
+        self.offset += S
+        keys = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
+        values = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        for i in range(len(self.keys)):
+            self.keys[i][..., prev : self.offset, :] = keys[i]
+            self.values[i][..., prev : self.offset, :] = values[i]
+        return tree_map(lambda x: x[..., : self.offset, :], (self.keys, self.values))
+
+    def size(self):
+        return self.offset
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        if self.offset == self.keys[0].shape[2]:
+            return self.keys, self.values
+        return tree_map(lambda x: x[..., : self.offset, :], (self.keys, self.values))
+
+    @state.setter
+    def state(self, v):
+        if not v:
+            self.keys = self.values = None
+            return
+        self.keys, self.values = (tuple(x) for x in v)
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, (self.step, self.offset, self.group_size, self.bits)))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.step, self.offset, self.group_size, self.bits = map(int, v)
+
+    def is_trimmable(self):
+        return True
+
+    def trim(self, n):
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        return _causal_mask_for(N, self.offset, window_size, return_array)
+
+    @property
+    def nbytes(self):
+        return _nbytes((self.keys, self.values)) if self.keys is not None else 0
+
+
+class ArraysCache(_BaseCache):
+    """A fixed number of arrays per layer (recurrent state of SSM/linear-attention layers)."""
+
+    def __init__(self, size: int = 0, left_padding: Optional[List[int]] = None):
+        self.cache = [None] * size
+        self.left_padding = mx.array(left_padding) if left_padding is not None else None
+
+    def __setitem__(self, idx, value):
+        self.cache[idx] = value
+
+    def __getitem__(self, idx):
+        return self.cache[idx]
+
+    @property
+    def state(self):
+        return self.cache
+
+    @state.setter
+    def state(self, v):
+        self.cache = list(v)
+
+    def size(self):
+        return 0 if self.cache[0] is None else 1
+
+    def empty(self):
+        return self.cache[0] is None
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        if self.left_padding is None:
+            return None
+        pos = mx.arange(N)
+        return pos >= self.left_padding[:, None]
+
+
+class MambaCache(ArraysCache):
+    def __init__(self, left_padding: Optional[List[int]] = None):
+        super().__init__(size=2, left_padding=left_padding)
+
+
+class CacheList(_BaseCache):
+    """Several caches for one layer (e.g. a layer with two attention branches)."""
+
+    def __init__(self, *caches):
+        self.caches = list(caches)
+
+    def __getitem__(self, idx):
+        return self.caches[idx]
+
+    def is_trimmable(self):
+        return all(c.is_trimmable() for c in self.caches)
+
+    def trim(self, n):
+        return [c.trim(n) for c in self.caches][0]
+
+    def size(self):
+        return max((c.size() for c in self.caches), default=0)
+
+    @property
+    def state(self):
+        return [c.state for c in self.caches]
+
+    @state.setter
+    def state(self, v):
+        for c, s in zip(self.caches, v):
+            c.state = s
+
+    @property
+    def meta_state(self):
+        return [type(c).__name__ for c in self.caches], [c.meta_state for c in self.caches]
+
+    @meta_state.setter
+    def meta_state(self, v):
+        classes, metas = v
+        self.caches = [_cache_class(name).__new__(_cache_class(name)) for name in classes]
+        for c, name, m in zip(self.caches, classes, metas):
+            type(c).__init__(c)
+            c.meta_state = m
+
+    @classmethod
+    def from_state(cls, state, meta_state):
+        classes, metas = meta_state
+        return cls(*(_cache_class(name).from_state(s, m) for name, s, m in zip(classes, state, metas)))
+
+
+def _cache_classes() -> Dict[str, type]:
+    """Every cache class defined so far (subclasses of `_BaseCache`), by name."""
+    found, todo = {}, [_BaseCache]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            found[sub.__name__] = sub
+            todo.append(sub)
+    return found
+
+
+def _cache_class(name: str) -> type:
+    classes = _cache_classes()
+    if name not in classes:
+        # TurboQuant caches live in their own module; import it before giving up.
+        try:
+            from . import turboquant_cache  # noqa: F401
+        except ImportError:
+            pass
+        classes = _cache_classes()
+    if name not in classes:
+        raise ValueError(f"Unknown cache class '{name}' in the prompt-cache file. Known: {sorted(classes)}.")
+    return classes[name]
+
+
+def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> List[Any]:
+    """One cache per layer for `model`.
+
+    Models whose layers differ (sliding windows, SSM layers) build their own with
+    `model.make_cache()`. With `max_kv_size`, unbounded KV caches become
+    `RotatingKVCache(max_kv_size, keep=4)` (the first tokens are kept as attention sinks).
+    """
+    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
+        raise ValueError(f"max_kv_size must be a positive integer, got {max_kv_size!r}.")
+    if hasattr(model, "make_cache"):
+        cache = model.make_cache()
+    else:
+        cache = [KVCache() for _ in range(len(model.layers))]
+    if max_kv_size is not None:
+        cache = [RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c for c in cache]
+    return cache
+
+
+def save_prompt_cache(file_name: str, cache: List[Any], metadata: Dict[str, str] = {}):
+    """Save the caches' arrays to a safetensors file; class names, meta state and the
+    user's `metadata` (str -> str) go into its header."""
+    cache_data = dict(tree_flatten([c.state for c in cache]))
+    cache_info = [c.meta_state for c in cache]
+    cache_classes = [type(c).__name__ for c in cache]
+    cache_metadata = dict(tree_flatten([cache_info, metadata, cache_classes]))
+    mx.save_safetensors(file_name, cache_data, cache_metadata)
+
+
+def load_prompt_cache(file_name: str, return_metadata: bool = False):
+    """Load a prompt cache saved by `save_prompt_cache`."""
+    arrays, cache_metadata = mx.load(file_name, return_metadata=True)
+    arrays = tree_unflatten(list(arrays.items()))
+    cache_metadata = tree_unflatten(list(cache_metadata.items()))
+    info, metadata, classes = cache_metadata
+    if not arrays:
+        arrays = [[] for _ in classes]
+    cache = [_cache_class(c).from_state(state, meta) for c, state, meta in zip(classes, arrays, info)]
+    if return_metadata:
+        return cache, metadata
+    return cache
+
+
+def can_trim_prompt_cache(cache: List[Any]) -> bool:
+    return all(c.is_trimmable() for c in cache)
+
+
+def trim_prompt_cache(cache: List[Any], num_tokens: int) -> int:
+    """Drop the last `num_tokens` tokens from every layer; returns how many were dropped."""
+    if not can_trim_prompt_cache(cache) or len(cache) == 0:
+        return 0
+    return [c.trim(num_tokens) for c in cache][0]
