@@ -6,6 +6,10 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
+from .cache import QuantizedKVCache
+from .turboquant_attention import turboquant_scaled_dot_product_attention
+from .turboquant_cache import TurboQuantKVCache
+
 
 @dataclass
 class BaseModelArgs:
@@ -109,8 +113,8 @@ def scaled_dot_product_attention(
     their context compressed get their own attention (dispatched on the cache class);
     everything else goes to `mx.fast.scaled_dot_product_attention`.
     """
-    from .cache import QuantizedKVCache
-
+    if isinstance(cache, TurboQuantKVCache):
+        return turboquant_scaled_dot_product_attention(queries, cache, scale=scale, mask=mask)
     if isinstance(cache, QuantizedKVCache):
         return quantized_scaled_dot_product_attention(
             queries, keys, values, scale=scale, mask=mask, group_size=cache.group_size, bits=cache.bits

@@ -10,11 +10,12 @@ from typing import Any, Dict, List, Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from .base import create_causal_mask
-
 
 def _causal_mask_for(N: int, offset: int, window_size: Optional[int], return_array: bool):
     """Mask for N new queries after `offset` cached tokens in a linear (non-ring) cache."""
+    # base.py imports this module for attention dispatch, so import it lazily here.
+    from .base import create_causal_mask
+
     if window_size is not None and offset + N > window_size:
         return create_causal_mask(N, offset, window_size=window_size)
     if N == 1:
@@ -153,6 +154,19 @@ class KVCache(_BaseCache):
         return quant_cache
 
 
+    def to_turbo_quantized(
+        self, key_bits: int = 3, value_bits: int = 3, seed: int = 0, layer_idx: int = 0
+    ):
+        """Convert to a `TurboQuantKVCache` holding the same tokens, compressed."""
+        from .turboquant_cache import TurboQuantKVCache
+
+        turbo = TurboQuantKVCache(key_bits, value_bits, seed=seed, layer_idx=layer_idx)
+        if self.keys is not None and self.offset > 0:
+            keys, values = self.state
+            turbo.update_and_fetch(keys, values)
+        return turbo
+
+
 class RotatingKVCache(_BaseCache):
     """A bounded cache: the first `keep` tokens plus the most recent ones, at most
     `max_size` in all, held in a ring buffer (sliding-window layers, `--max-kv-size`).
@@ -281,6 +295,8 @@ class RotatingKVCache(_BaseCache):
         return n
 
     def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        from .base import create_causal_mask
+
         if N > 1:
             window_size = window_size or self.max_size
             offset = min(self.max_size - 1, self.offset)
@@ -500,22 +516,51 @@ def _cache_class(name: str) -> type:
     return classes[name]
 
 
-def make_prompt_cache(model, max_kv_size: Optional[int] = None) -> List[Any]:
+def make_prompt_cache(
+    model,
+    max_kv_size: Optional[int] = None,
+    turbo_kv_bits: Optional[int] = None,
+    turbo_fp16_layers: int = 0,
+    turbo_key_bits: Optional[int] = None,
+    turbo_value_bits: Optional[int] = None,
+    turbo_seed: int = 0,
+) -> List[Any]:
     """One cache per layer for `model`.
 
     Models whose layers differ (sliding windows, SSM layers) build their own with
     `model.make_cache()`. With `max_kv_size`, unbounded KV caches become
     `RotatingKVCache(max_kv_size, keep=4)` (the first tokens are kept as attention sinks).
+
+    With `turbo_kv_bits` (or `turbo_key_bits` / `turbo_value_bits`) the attention layers'
+    caches become `TurboQuantKVCache`s, except the first and last `turbo_fp16_layers`
+    attention layers, which stay `KVCache`. See `to_turbo_quantized_cache`.
     """
-    if max_kv_size is not None and (not isinstance(max_kv_size, int) or max_kv_size < 1):
+    if max_kv_size is not None and (
+        isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size < 1
+    ):
         raise ValueError(f"max_kv_size must be a positive integer, got {max_kv_size!r}.")
     if hasattr(model, "make_cache"):
         cache = model.make_cache()
     else:
         cache = [KVCache() for _ in range(len(model.layers))]
     if max_kv_size is not None:
-        cache = [RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c for c in cache]
-    return cache
+        cache = [
+            RotatingKVCache(max_size=max_kv_size, keep=4) if type(c) is KVCache else c
+            for c in cache
+        ]
+    if turbo_kv_bits is None and turbo_key_bits is None and turbo_value_bits is None:
+        return cache
+    from .turboquant_cache import to_turbo_quantized_cache
+
+    return to_turbo_quantized_cache(
+        cache,
+        model,
+        turbo_kv_bits=turbo_kv_bits,
+        turbo_fp16_layers=turbo_fp16_layers,
+        turbo_key_bits=turbo_key_bits,
+        turbo_value_bits=turbo_value_bits,
+        turbo_seed=turbo_seed,
+    )
 
 
 def save_prompt_cache(file_name: str, cache: List[Any], metadata: Dict[str, str] = {}):

@@ -1,0 +1,113 @@
+"""The command-line tools, run as a user runs them (subprocesses)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import save_tiny_model_dir
+
+
+def run(command, *args, stdin=None):
+    """`mlx_lm <command> ...` (the same entry point as the mlx_lm.<command> scripts)."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lm.cli", command, *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        env=env,
+        timeout=300,
+    )
+
+
+def assert_clean_error(result, *needles):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def test_bad_flags_give_one_line_errors(tiny_model_dir):
+    assert_clean_error(run("generate", "--model", tiny_model_dir, "--max-tokens", "-1"), "--max-tokens")
+    assert_clean_error(
+        run("generate", "--model", tiny_model_dir, "--kv-bits", "4", "--max-kv-size", "64"),
+        "--kv-bits cannot be combined with --max-kv-size",
+    )
+    assert_clean_error(run("generate", "--model", tiny_model_dir, "--kv-bits", "7"), "--kv-bits")
+    assert_clean_error(run("generate", "--prompt", "hi"), "--model is required")
+
+
+def test_missing_and_unknown_models(tmp_path):
+    assert_clean_error(run("generate", "--model", str(tmp_path / "missing")), "does not exist")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "transformer9000"}')
+    (bad / "model.safetensors").write_bytes(b"")
+    assert_clean_error(run("generate", "--model", str(bad)), "transformer9000", "Supported")
+
+
+def test_unsupported_gguf_architecture(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = str(tmp_path / "mamba.gguf")
+    writer = gguf.GGUFWriter(path, "mamba")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_clean_error(run("generate", "--model", path), "mamba", "llama")
+
+
+def test_stdin_prompt_and_quiet_output(tiny_model_dir):
+    a = run("generate", "--model", tiny_model_dir, "--prompt", "-", "-m", "5", "--verbose", "False", stdin="hello world")
+    b = run("generate", "--model", tiny_model_dir, "--prompt", "hello world", "-m", "5", "--verbose", "False")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout
+
+
+def test_prompt_cache_file_roundtrip_and_wrong_model(tiny_model_dir, tmp_path):
+    cache_file = str(tmp_path / "prefix.safetensors")
+    r = run("cache_prompt", "--model", tiny_model_dir, "--prompt", "The capital of France", "--prompt-cache-file", cache_file)
+    assert r.returncode == 0, r.stderr
+    with_cache = run(
+        "generate", "--prompt-cache-file", cache_file, "--prompt", " is", "-m", "8", "--verbose", "False"
+    )
+    direct = run("generate", "--model", tiny_model_dir, "--prompt", "The capital of France is", "-m", "8", "--verbose", "False")
+    assert with_cache.returncode == 0, with_cache.stderr
+    assert with_cache.stdout == direct.stdout
+
+    other = str(tmp_path / "other")
+    save_tiny_model_dir(other, seed=1, num_hidden_layers=3)
+    assert_clean_error(
+        run("generate", "--model", other, "--prompt-cache-file", cache_file, "--prompt", "x"),
+        "made for another model",
+    )
+    assert_clean_error(
+        run("generate", "--model", tiny_model_dir, "--prompt-cache-file", cache_file, "--max-kv-size", "10"),
+        "--max-kv-size",
+    )
+
+
+def test_mlx_lm_subcommands(tiny_model_dir):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_lm.cli", "generate", "--model", tiny_model_dir, "-m", "3", "--verbose", "False"],
+        capture_output=True, text=True, env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "mlx_lm.cli", "nope"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unknown command" in r.stdout
+
+
+@pytest.mark.slow
+def test_cli_answers_paris(smollm2_gguf):
+    r = run(
+        "generate", "--model", smollm2_gguf, "--prompt", "What is the capital of France?",
+        "--max-tokens", "20", "--temp", "0",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
