@@ -32,7 +32,7 @@ setup(
         "cpu": ["mlx[cpu]>=0.30"],
         "cuda13": ["mlx[cuda13]>=0.30"],
         "mac": ["mlx>=0.30"],
-        "test": ["pytest", "openai", "matplotlib"],
+        "test": ["pytest", "openai", "matplotlib", "accelerate"],
         "dev": ["pre-commit", "black", "isort"],
     },
     entry_points={

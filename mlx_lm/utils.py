@@ -119,15 +119,24 @@ def _quantization_predicate(quantization: Dict[str, Any], weights: Dict[str, mx.
     return predicate
 
 
+def _dequantized_weight(module: nn.Module, dtype) -> mx.array:
+    # Scales in the target dtype first: float16 scales would round the weights to float16.
+    return mx.dequantize(
+        module.weight,
+        module.scales.astype(dtype),
+        module.biases.astype(dtype),
+        module.group_size,
+        module.bits,
+    )
+
+
 def _dequantize_model(model: nn.Module, dtype=mx.float32):
     """Replace quantized layers with float ones (fast on CPU, where MLX's
     quantized matmul is slow) and cast every floating parameter to `dtype`."""
     layers = []
     for name, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
-            w = mx.dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            )
+            w = _dequantized_weight(module, dtype)
             bias = "bias" in module
             new = nn.Linear(w.shape[1], w.shape[0], bias=bias)
             new.weight = w.astype(dtype)
@@ -135,9 +144,7 @@ def _dequantize_model(model: nn.Module, dtype=mx.float32):
                 new.bias = module.bias.astype(dtype)
             layers.append((name, new))
         elif isinstance(module, nn.QuantizedEmbedding):
-            w = mx.dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits
-            )
+            w = _dequantized_weight(module, dtype)
             new = nn.Embedding(w.shape[0], w.shape[1])
             new.weight = w.astype(dtype)
             layers.append((name, new))

@@ -1,3 +1,5 @@
+import os
+
 
 import pytest
 
@@ -135,3 +137,24 @@ def tiny_model_dir(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     save_tiny_model_dir(path)
     return path
+
+
+PROSE_FILE = "/usr/share/common-licenses/GPL-3"
+
+
+@pytest.fixture(scope="session")
+def prose():
+    """About 5,600 words of English prose that every Debian machine has (base-files:
+    the GNU GPL v3 text). Held-out text for quality tests of the KV cache."""
+    if not os.path.exists(PROSE_FILE):
+        pytest.skip(f"{PROSE_FILE} not found (Debian's base-files package provides it)")
+    with open(PROSE_FILE, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """(model, tokenizer) of the real SmolLM2-135M-Instruct, float32 weights."""
+    from mlx_lm import load
+
+    return load(smollm2_gguf, dequantize=True)

@@ -1,0 +1,123 @@
+"""TurboQuant on real SmolLM2-135M keys and values (slow: real weights)."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_lm.models.llama as llama
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.turboquant_cache import TurboQuantKVCache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def captured(smollm2, prose):
+    """Queries, keys and values of every layer for 1,536 tokens of prose."""
+    model, tokenizer = smollm2
+    tokens = mx.array(tokenizer.encode(prose)[:1536])
+    queries = []
+    plain = llama.scaled_dot_product_attention
+
+    def spy(q, k, v, cache, scale, mask, **kw):
+        queries.append(q)
+        return plain(q, k, v, cache=cache, scale=scale, mask=mask, **kw)
+
+    llama.scaled_dot_product_attention = spy
+    try:
+        cache = make_prompt_cache(model)
+        model(tokens[None], cache=cache)
+    finally:
+        llama.scaled_dot_product_attention = plain
+    layers = [(q, *c.state) for q, c in zip(queries, cache)]
+    mx.eval(layers)
+    return layers, model.layers[0].self_attn.scale
+
+
+def cosine(a, b):
+    return mx.sum(a * b, -1) / (mx.linalg.norm(a, axis=-1) * mx.linalg.norm(b, axis=-1) + 1e-12)
+
+
+def affine(x, bits):
+    return mx.dequantize(*mx.quantize(x, group_size=64, bits=bits), group_size=64, bits=bits)
+
+
+def attention_error(q, k, v, k_hat, v_hat, scale, last=64):
+    q = q[:, :, -last:]
+    mask = "causal"
+    exact = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    approx = mx.fast.scaled_dot_product_attention(q, k_hat, v_hat, scale=scale, mask=mask)
+    return float(mx.linalg.norm(approx - exact) / mx.linalg.norm(exact))
+
+
+def test_real_kv_cosine_and_attention_error_vs_affine(captured):
+    layers, scale = captured
+    rows = {}
+    for bits in (2, 3, 4):
+        stats = {"tq": [], "affine": [], "k_cos": [], "v_cos": [], "ak_cos": [], "av_cos": []}
+        for i, (q, k, v) in enumerate(layers):
+            k_hat, v_hat = TurboQuantKVCache(bits, bits, layer_idx=i).update_and_fetch(k, v)
+            ak, av = affine(k, bits), affine(v, bits)
+            stats["k_cos"].append(float(mx.mean(cosine(k, k_hat))))
+            stats["v_cos"].append(float(mx.mean(cosine(v, v_hat))))
+            stats["ak_cos"].append(float(mx.mean(cosine(k, ak))))
+            stats["av_cos"].append(float(mx.mean(cosine(v, av))))
+            stats["tq"].append(attention_error(q, k, v, k_hat, v_hat, scale))
+            stats["affine"].append(attention_error(q, k, v, ak, av, scale))
+        rows[bits] = {name: float(np.mean(vals)) for name, vals in stats.items()}
+
+    print("\n| bits | TQ K cos | TQ V cos | TQ attn rel err | affine K cos | affine V cos | affine attn rel err |")
+    print("|---|---|---|---|---|---|---|")
+    for bits, r in rows.items():
+        print(
+            f"| {bits} | {r['k_cos']:.4f} | {r['v_cos']:.4f} | {r['tq']:.3f} | "
+            f"{r['ak_cos']:.4f} | {r['av_cos']:.4f} | {r['affine']:.3f} |"
+        )
+    assert rows[3]["k_cos"] >= 0.98 and rows[3]["v_cos"] >= 0.98
+    assert rows[4]["k_cos"] >= 0.995 and rows[4]["v_cos"] >= 0.995
+    for bits in (2, 3, 4):
+        assert rows[bits]["tq"] <= rows[bits]["affine"], (bits, rows[bits])
+
+
+def teacher_forced(model, tokens, cache, chunk=512):
+    """Log-probabilities of each next token, the text fed through `cache` in chunks."""
+    out = []
+    for start in range(0, tokens.size, chunk):
+        logits = model(tokens[None, start : start + chunk], cache=cache)
+        out.append(logits[0].astype(mx.float32))
+        mx.eval(out[-1])
+    logits = mx.concatenate(out, axis=0)[:-1]
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+def test_perplexity_and_top1_on_2k_tokens(smollm2, prose):
+    model, tokenizer = smollm2
+    tokens = mx.array(tokenizer.encode(prose)[-2049:])
+    targets = tokens[1:]
+    ref = teacher_forced(model, tokens, make_prompt_cache(model))
+    tq4 = teacher_forced(model, tokens, make_prompt_cache(model, turbo_kv_bits=4))
+
+    def ppl(logprobs):
+        nll = -mx.take_along_axis(logprobs, targets[:, None], axis=-1)
+        return math.exp(float(mx.mean(nll)))
+
+    top1 = float(mx.mean(mx.argmax(ref, -1) == mx.argmax(tq4, -1)))
+    ppl_ref, ppl_tq4 = ppl(ref), ppl(tq4)
+    print(f"\nFP cache ppl {ppl_ref:.3f}; TurboQuant 4-bit ppl {ppl_tq4:.3f} "
+          f"({100 * (ppl_tq4 / ppl_ref - 1):+.1f}%), top-1 agreement {top1:.3f}")
+    assert top1 >= 0.87
+    assert ppl_tq4 <= 1.07 * ppl_ref
+
+
+def test_cli_paris_with_3_bits_and_fp16_layers(smollm2_gguf):
+    from test_cli import run
+
+    r = run(
+        "generate", "--model", smollm2_gguf, "--prompt", "What is the capital of France?",
+        "--max-tokens", "20", "--temp", "0", "--turbo-kv-bits", "3", "--turbo-fp16-layers", "1",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "[turboquant] 28 of 30 layers compressed" in r.stderr
