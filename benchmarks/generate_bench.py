@@ -53,7 +53,12 @@ def run_once(model, config: dict, context: int, gen: int, prefill_step: int):
     mx.synchronize()
     tic = time.perf_counter()
     steps = generate_step(
-        prompt, model, max_tokens=gen, prompt_cache=cache, prefill_step_size=prefill_step, **step_args
+        prompt,
+        model,
+        max_tokens=gen,
+        prompt_cache=cache,
+        prefill_step_size=prefill_step,
+        **step_args,
     )
     next(steps)  # prefill + the first token
     prefill_s = time.perf_counter() - tic
@@ -98,11 +103,17 @@ def child(args):
     _, _, kv_bytes = run_once(model, CONFIGS[args.configs[0]], args.contexts[0], args.gen, 2048)
     peak = mx.get_peak_memory()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"mlx_peak": peak, "mlx_peak_over_weights": peak - base, "rss": rss, "kv": kv_bytes}))
+    print(
+        json.dumps(
+            {"mlx_peak": peak, "mlx_peak_over_weights": peak - base, "rss": rss, "kv": kv_bytes}
+        )
+    )
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--dequantize", action="store_true", help="float32 weights (fast on CPU)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
@@ -122,7 +133,9 @@ def main():
     device = str(mx.default_device())
     results = {}
     for context in args.contexts:
-        run_once(model, CONFIGS[args.configs[0]], min(context, 64), 4, args.prefill_step_size)  # warm-up
+        run_once(
+            model, CONFIGS[args.configs[0]], min(context, 64), 4, args.prefill_step_size
+        )  # warm-up
         samples = {name: [] for name in args.configs}
         for _ in range(args.rounds):
             for name in args.configs:

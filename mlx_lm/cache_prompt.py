@@ -33,7 +33,9 @@ def setup_arg_parser():
         "--prompt", "-p", required=True, help="Prompt to cache ('-' reads it from stdin)."
     )
     parser.add_argument("--prompt-cache-file", required=True, help="File to write the cache to.")
-    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template.")
+    parser.add_argument(
+        "--system-prompt", default=None, help="System prompt for the chat template."
+    )
     parser.add_argument(
         "--ignore-chat-template",
         action="store_true",

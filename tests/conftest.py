@@ -1,6 +1,5 @@
 import os
 
-
 import pytest
 
 
@@ -126,7 +125,9 @@ def save_tiny_model_dir(path, quantization=None, seed=0, **overrides):
             model, quantization["group_size"], quantization["bits"], class_predicate=predicate
         )
         config["quantization"] = quantization
-    mx.save_safetensors(os.path.join(path, "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(
+        os.path.join(path, "model.safetensors"), dict(tree_flatten(model.parameters()))
+    )
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     return model

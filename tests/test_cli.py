@@ -29,7 +29,9 @@ def assert_clean_error(result, *needles):
 
 
 def test_bad_flags_give_one_line_errors(tiny_model_dir):
-    assert_clean_error(run("generate", "--model", tiny_model_dir, "--max-tokens", "-1"), "--max-tokens")
+    assert_clean_error(
+        run("generate", "--model", tiny_model_dir, "--max-tokens", "-1"), "--max-tokens"
+    )
     assert_clean_error(
         run("generate", "--model", tiny_model_dir, "--kv-bits", "4", "--max-kv-size", "64"),
         "--kv-bits cannot be combined with --max-kv-size",
@@ -63,20 +65,67 @@ def test_unsupported_gguf_architecture(tmp_path):
 
 
 def test_stdin_prompt_and_quiet_output(tiny_model_dir):
-    a = run("generate", "--model", tiny_model_dir, "--prompt", "-", "-m", "5", "--verbose", "False", stdin="hello world")
-    b = run("generate", "--model", tiny_model_dir, "--prompt", "hello world", "-m", "5", "--verbose", "False")
+    a = run(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "-",
+        "-m",
+        "5",
+        "--verbose",
+        "False",
+        stdin="hello world",
+    )
+    b = run(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "hello world",
+        "-m",
+        "5",
+        "--verbose",
+        "False",
+    )
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
 
 
 def test_prompt_cache_file_roundtrip_and_wrong_model(tiny_model_dir, tmp_path):
     cache_file = str(tmp_path / "prefix.safetensors")
-    r = run("cache_prompt", "--model", tiny_model_dir, "--prompt", "The capital of France", "--prompt-cache-file", cache_file)
+    r = run(
+        "cache_prompt",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "The capital of France",
+        "--prompt-cache-file",
+        cache_file,
+    )
     assert r.returncode == 0, r.stderr
     with_cache = run(
-        "generate", "--prompt-cache-file", cache_file, "--prompt", " is", "-m", "8", "--verbose", "False"
+        "generate",
+        "--prompt-cache-file",
+        cache_file,
+        "--prompt",
+        " is",
+        "-m",
+        "8",
+        "--verbose",
+        "False",
     )
-    direct = run("generate", "--model", tiny_model_dir, "--prompt", "The capital of France is", "-m", "8", "--verbose", "False")
+    direct = run(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompt",
+        "The capital of France is",
+        "-m",
+        "8",
+        "--verbose",
+        "False",
+    )
     assert with_cache.returncode == 0, with_cache.stderr
     assert with_cache.stdout == direct.stdout
 
@@ -87,7 +136,15 @@ def test_prompt_cache_file_roundtrip_and_wrong_model(tiny_model_dir, tmp_path):
         "made for another model",
     )
     assert_clean_error(
-        run("generate", "--model", tiny_model_dir, "--prompt-cache-file", cache_file, "--max-kv-size", "10"),
+        run(
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "--prompt-cache-file",
+            cache_file,
+            "--max-kv-size",
+            "10",
+        ),
         "--max-kv-size",
     )
 
@@ -95,19 +152,41 @@ def test_prompt_cache_file_roundtrip_and_wrong_model(tiny_model_dir, tmp_path):
 def test_mlx_lm_subcommands(tiny_model_dir):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     r = subprocess.run(
-        [sys.executable, "-m", "mlx_lm.cli", "generate", "--model", tiny_model_dir, "-m", "3", "--verbose", "False"],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm.cli",
+            "generate",
+            "--model",
+            tiny_model_dir,
+            "-m",
+            "3",
+            "--verbose",
+            "False",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "mlx_lm.cli", "nope"], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_lm.cli", "nope"], capture_output=True, text=True, env=env
+    )
     assert r.returncode == 2 and "unknown command" in r.stdout
 
 
 @pytest.mark.slow
 def test_cli_answers_paris(smollm2_gguf):
     r = run(
-        "generate", "--model", smollm2_gguf, "--prompt", "What is the capital of France?",
-        "--max-tokens", "20", "--temp", "0",
+        "generate",
+        "--model",
+        smollm2_gguf,
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "20",
+        "--temp",
+        "0",
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

@@ -133,7 +133,12 @@ def test_kv_bits_generation_runs_and_is_close(tiny_model_dir):
     model, tokenizer = load(tiny_model_dir)
     prompt = mx.array(np.random.default_rng(1).integers(0, 200, 30), dtype=mx.uint32)
     cache = make_prompt_cache(model)
-    out = [t for t, _ in generate_step(prompt, model, max_tokens=4, prompt_cache=cache, kv_bits=8, kv_group_size=32)]
+    out = [
+        t
+        for t, _ in generate_step(
+            prompt, model, max_tokens=4, prompt_cache=cache, kv_bits=8, kv_group_size=32
+        )
+    ]
     assert len(out) == 4
     assert type(cache[0]).__name__ == "QuantizedKVCache"
     with pytest.raises(ValueError, match="kv_bits"):

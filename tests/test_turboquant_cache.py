@@ -33,15 +33,18 @@ def greedy(model, prompt, n, cache):
 
 @pytest.mark.parametrize("head_dim,bits,min_ratio", [(128, 3, 5.0), (64, 3, 4.9), (128, 4, 3.85)])
 def test_nbytes_vs_fp16(head_dim, bits, min_ratio):
-    x = mx.random.normal((1, 4, 512, head_dim)).astype(mx.float16)
+    T, H = 2048, 4
+    x = mx.random.normal((1, H, T, head_dim)).astype(mx.float16)
     fp16, turbo = KVCache(), TurboQuantKVCache(bits, bits)
     fp16.update_and_fetch(x, x)
     turbo.update_and_fetch(x, x)
     ratio = fp16.nbytes / turbo.nbytes
     assert ratio >= min_ratio, ratio
-    # What is held is exactly the packed codes and one float16 norm per vector.
+    # What is held is exactly the packed codes and one float16 norm per vector, plus
+    # one float32 key mean per head (key centering).
     words = -(-head_dim * bits // 32)
-    assert turbo.nbytes == 2 * 4 * 512 * (4 * words + 2)
+    assert turbo.nbytes == 2 * H * T * (4 * words + 2) + H * head_dim * 4
+    assert TurboQuantKVCache(bits, bits, key_centering=False).nbytes == 0
 
 
 def test_returned_keys_values_work_with_plain_sdpa_and_match_dispatch():
@@ -64,7 +67,12 @@ def test_model_error_shrinks_with_bits():
     """Through a whole (tiny, random) model, logit error falls as bits grow and 8-bit
     keys/values keep the greedy tokens. Real-model quality is tested on SmolLM2."""
     model = make_tiny_model(
-        "llama", weight_scale=1.0, head_dim=64, hidden_size=128, num_attention_heads=2, num_key_value_heads=1
+        "llama",
+        weight_scale=1.0,
+        head_dim=64,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
     )
     seq = tokens(64, seed=1)
     ref = np.array(model(seq[None], cache=make_prompt_cache(model)))
@@ -181,7 +189,9 @@ def test_mla_ssm_unknown_and_hybrid_rules():
         make_prompt_cache(odd, turbo_kv_bits=3)
 
     ssm_state = ArraysCache(2)
-    hybrid = _StandInModel("qwen3_next", [ssm_state, KVCache(), ArraysCache(2), KVCache(), KVCache()])
+    hybrid = _StandInModel(
+        "qwen3_next", [ssm_state, KVCache(), ArraysCache(2), KVCache(), KVCache()]
+    )
     cache = make_prompt_cache(hybrid, turbo_kv_bits=4, turbo_fp16_layers=1)
     assert [type(c).__name__ for c in cache] == [
         "ArraysCache",

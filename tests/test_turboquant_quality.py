@@ -68,7 +68,9 @@ def test_real_kv_cosine_and_attention_error_vs_affine(captured):
             stats["affine"].append(attention_error(q, k, v, ak, av, scale))
         rows[bits] = {name: float(np.mean(vals)) for name, vals in stats.items()}
 
-    print("\n| bits | TQ K cos | TQ V cos | TQ attn rel err | affine K cos | affine V cos | affine attn rel err |")
+    print(
+        "\n| bits | TQ K cos | TQ V cos | TQ attn rel err | affine K cos | affine V cos | affine attn rel err |"
+    )
     print("|---|---|---|---|---|---|---|")
     for bits, r in rows.items():
         print(
@@ -105,8 +107,10 @@ def test_perplexity_and_top1_on_2k_tokens(smollm2, prose):
 
     top1 = float(mx.mean(mx.argmax(ref, -1) == mx.argmax(tq4, -1)))
     ppl_ref, ppl_tq4 = ppl(ref), ppl(tq4)
-    print(f"\nFP cache ppl {ppl_ref:.3f}; TurboQuant 4-bit ppl {ppl_tq4:.3f} "
-          f"({100 * (ppl_tq4 / ppl_ref - 1):+.1f}%), top-1 agreement {top1:.3f}")
+    print(
+        f"\nFP cache ppl {ppl_ref:.3f}; TurboQuant 4-bit ppl {ppl_tq4:.3f} "
+        f"({100 * (ppl_tq4 / ppl_ref - 1):+.1f}%), top-1 agreement {top1:.3f}"
+    )
     assert top1 >= 0.87
     assert ppl_tq4 <= 1.07 * ppl_ref
 
@@ -115,8 +119,19 @@ def test_cli_paris_with_3_bits_and_fp16_layers(smollm2_gguf):
     from test_cli import run
 
     r = run(
-        "generate", "--model", smollm2_gguf, "--prompt", "What is the capital of France?",
-        "--max-tokens", "20", "--temp", "0", "--turbo-kv-bits", "3", "--turbo-fp16-layers", "1",
+        "generate",
+        "--model",
+        smollm2_gguf,
+        "--prompt",
+        "What is the capital of France?",
+        "--max-tokens",
+        "20",
+        "--temp",
+        "0",
+        "--turbo-kv-bits",
+        "3",
+        "--turbo-fp16-layers",
+        "1",
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout

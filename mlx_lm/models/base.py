@@ -42,7 +42,10 @@ def create_causal_mask(
 
 
 def create_attention_mask(
-    h: mx.array, cache: Optional[Any] = None, window_size: Optional[int] = None, return_array: bool = False
+    h: mx.array,
+    cache: Optional[Any] = None,
+    window_size: Optional[int] = None,
+    return_array: bool = False,
 ):
     """The mask for the hidden states `h` ([B, N, D]) attending through `cache`.
 
@@ -117,6 +120,14 @@ def scaled_dot_product_attention(
         return turboquant_scaled_dot_product_attention(queries, cache, scale=scale, mask=mask)
     if isinstance(cache, QuantizedKVCache):
         return quantized_scaled_dot_product_attention(
-            queries, keys, values, scale=scale, mask=mask, group_size=cache.group_size, bits=cache.bits
+            queries,
+            keys,
+            values,
+            scale=scale,
+            mask=mask,
+            group_size=cache.group_size,
+            bits=cache.bits,
         )
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
+    return mx.fast.scaled_dot_product_attention(
+        queries, keys, values, scale=scale, mask=mask, sinks=sinks
+    )

@@ -153,14 +153,18 @@ class KVCache(_BaseCache):
             quant_cache.values = mx.quantize(values, group_size=group_size, bits=bits)
         return quant_cache
 
-
     def to_turbo_quantized(
-        self, key_bits: int = 3, value_bits: int = 3, seed: int = 0, layer_idx: int = 0
+        self,
+        key_bits: int = 3,
+        value_bits: int = 3,
+        seed: int = 0,
+        layer_idx: int = 0,
+        key_centering: bool = True,
     ):
         """Convert to a `TurboQuantKVCache` holding the same tokens, compressed."""
         from .turboquant_cache import TurboQuantKVCache
 
-        turbo = TurboQuantKVCache(key_bits, value_bits, seed=seed, layer_idx=layer_idx)
+        turbo = TurboQuantKVCache(key_bits, value_bits, seed, layer_idx, key_centering)
         if self.keys is not None and self.offset > 0:
             keys, values = self.state
             turbo.update_and_fetch(keys, values)
@@ -203,7 +207,8 @@ class RotatingKVCache(_BaseCache):
             return v
         if self._idx < self.offset:
             return mx.concatenate(
-                [v[..., : self.keep, :], v[..., self._idx :, :], v[..., self.keep : self._idx, :]], axis=2
+                [v[..., : self.keep, :], v[..., self._idx :, :], v[..., self.keep : self._idx, :]],
+                axis=2,
             )
         return v[..., : self._idx, :]
 
@@ -352,7 +357,9 @@ class QuantizedKVCache(_BaseCache):
 
             if self.keys is not None:
                 if prev % self.step != 0:
-                    self.keys, self.values = tree_map(lambda x: x[..., :prev, :], (self.keys, self.values))
+                    self.keys, self.values = tree_map(
+                        lambda x: x[..., :prev, :], (self.keys, self.values)
+                    )
                 self.keys, self.values = tree_map(expand_quant, (self.keys, self.values))
             else:
                 self.keys, self.values = init_quant(k_head_dim), init_quant(v_head_dim)
@@ -488,7 +495,9 @@ class CacheList(_BaseCache):
     @classmethod
     def from_state(cls, state, meta_state):
         classes, metas = meta_state
-        return cls(*(_cache_class(name).from_state(s, m) for name, s, m in zip(classes, state, metas)))
+        return cls(
+            *(_cache_class(name).from_state(s, m) for name, s, m in zip(classes, state, metas))
+        )
 
 
 def _cache_classes() -> Dict[str, type]:
@@ -512,7 +521,9 @@ def _cache_class(name: str) -> type:
             pass
         classes = _cache_classes()
     if name not in classes:
-        raise ValueError(f"Unknown cache class '{name}' in the prompt-cache file. Known: {sorted(classes)}.")
+        raise ValueError(
+            f"Unknown cache class '{name}' in the prompt-cache file. Known: {sorted(classes)}."
+        )
     return classes[name]
 
 
@@ -524,6 +535,7 @@ def make_prompt_cache(
     turbo_key_bits: Optional[int] = None,
     turbo_value_bits: Optional[int] = None,
     turbo_seed: int = 0,
+    turbo_key_centering: bool = True,
 ) -> List[Any]:
     """One cache per layer for `model`.
 
@@ -560,6 +572,7 @@ def make_prompt_cache(
         turbo_key_bits=turbo_key_bits,
         turbo_value_bits=turbo_value_bits,
         turbo_seed=turbo_seed,
+        turbo_key_centering=turbo_key_centering,
     )
 
 
@@ -581,7 +594,9 @@ def load_prompt_cache(file_name: str, return_metadata: bool = False):
     info, metadata, classes = cache_metadata
     if not arrays:
         arrays = [[] for _ in classes]
-    cache = [_cache_class(c).from_state(state, meta) for c, state, meta in zip(classes, arrays, info)]
+    cache = [
+        _cache_class(c).from_state(state, meta) for c, state, meta in zip(classes, arrays, info)
+    ]
     if return_metadata:
         return cache, metadata
     return cache

@@ -8,7 +8,7 @@ expert (Hugging Face's `mlp.experts.E.gate_proj.weight`) are stacked by the mode
 """
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -89,7 +89,9 @@ class QuantizedSwitchLinear(nn.Module):
         self.group_size, self.bits, self.mode = group_size, bits, mode
         scale = math.sqrt(1 / input_dims)
         w = mx.random.uniform(low=-scale, high=scale, shape=(num_experts, output_dims, input_dims))
-        self.weight, self.scales, *biases = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+        self.weight, self.scales, *biases = mx.quantize(
+            w, group_size=group_size, bits=bits, mode=mode
+        )
         if biases:
             self.biases = biases[0]
         if bias:

@@ -41,21 +41,35 @@ class TurboQuantKVCache(_BaseCache):
         key_bits, value_bits: bits per coordinate for keys and values (1-8).
         seed: seed of the random rotations (with `layer_idx`, fixes the signs).
         layer_idx: the layer this cache serves; each layer gets its own rotation.
+        key_centering: subtract one per-head, per-channel key mean (taken from the
+            first tokens stored) before quantizing. q·(k - μ) = q·k - q·μ shifts every
+            score of a query by the same amount, so the softmax is unchanged and μ never
+            has to be added back in attention; the centered keys are smaller and lose
+            less to quantization (keys carry a large shared offset on real models).
     """
 
     step = 256
 
-    def __init__(self, key_bits: int = 3, value_bits: int = 3, seed: int = 0, layer_idx: int = 0):
+    def __init__(
+        self,
+        key_bits: int = 3,
+        value_bits: int = 3,
+        seed: int = 0,
+        layer_idx: int = 0,
+        key_centering: bool = True,
+    ):
         self.key_bits = check_turbo_bits("key_bits", key_bits)
         self.value_bits = check_turbo_bits("value_bits", value_bits)
         self.seed = seed
         self.layer_idx = layer_idx
+        self.key_centering = bool(key_centering)
         self.offset = 0
         self.head_dim = None
         self.packed_keys = None
         self.key_norms = None
         self.packed_values = None
         self.value_norms = None
+        self.key_mean = None
 
     # ---- rotation and codebooks (derived from the settings, never stored) ----
 
@@ -102,6 +116,10 @@ class TurboQuantKVCache(_BaseCache):
     def _buffers(self):
         return [self.packed_keys, self.key_norms, self.packed_values, self.value_norms]
 
+    def _stored(self):
+        """The arrays a saved cache needs: the buffers, then the key mean if any."""
+        return self._buffers() + ([self.key_mean] if self.key_mean is not None else [])
+
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Quantize and store the new tokens; return lazily dequantized keys/values
         of the whole context (never computed when attention goes through our dispatch)."""
@@ -109,6 +127,10 @@ class TurboQuantKVCache(_BaseCache):
         if self.head_dim is None:
             self._setup(k_head_dim, values.shape[-1])
         self._grow(B, n_kv_heads, S)
+        if self.key_centering:
+            if self.key_mean is None:
+                self.key_mean = mx.mean(keys.astype(mx.float32), axis=2, keepdims=True)
+            keys = keys - self.key_mean.astype(keys.dtype)
         pk, kn = turboquant_quantize(keys, self.key_signs, self.key_centroids, self.key_bits)
         pv, vn = turboquant_quantize(
             values, self.value_signs, self.value_centroids, self.value_bits
@@ -119,14 +141,15 @@ class TurboQuantKVCache(_BaseCache):
         self.key_norms[:, :, prev : self.offset] = kn.astype(mx.float16)
         self.packed_values[:, :, prev : self.offset] = pv
         self.value_norms[:, :, prev : self.offset] = vn.astype(mx.float16)
-        k_rot, v_rot = self.rotated_keys_values(keys.dtype)
-        return (
-            inverse_rotate(k_rot.astype(mx.float32), self.key_signs).astype(keys.dtype),
-            inverse_rotate(v_rot.astype(mx.float32), self.value_signs).astype(values.dtype),
-        )
+        k_rot, v_rot = self.rotated_keys_values(mx.float32)
+        k = inverse_rotate(k_rot, self.key_signs)
+        if self.key_mean is not None:
+            k = k + self.key_mean
+        return k.astype(keys.dtype), inverse_rotate(v_rot, self.value_signs).astype(values.dtype)
 
     def rotated_keys_values(self, dtype=mx.float32):
-        """Keys and values of the context in the rotated domain: norm x centroid vector."""
+        """Keys and values of the context in the rotated domain: norm x centroid vector
+        (keys still centered: attention does not need the mean back)."""
         n = self.offset
         k = turboquant_dequantize_rotated(
             self.packed_keys[:, :, :n],
@@ -168,16 +191,19 @@ class TurboQuantKVCache(_BaseCache):
         if self.packed_keys is None:
             return []
         n = self.offset
-        if n == self.packed_keys.shape[2]:
-            return tuple(self._buffers())
-        return tuple(x[:, :, :n] for x in self._buffers())
+        buffers = self._buffers()
+        if n != self.packed_keys.shape[2]:
+            buffers = [x[:, :, :n] for x in buffers]
+        return tuple(buffers + self._stored()[4:])
 
     @state.setter
     def state(self, v):
         if not v:
             self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
+            self.key_mean = None
             return
-        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = v
+        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = v[:4]
+        self.key_mean = v[4] if len(v) > 4 else None
 
     @property
     def meta_state(self):
@@ -191,14 +217,16 @@ class TurboQuantKVCache(_BaseCache):
                     self.seed,
                     self.layer_idx,
                     self.head_dim or 0,
+                    int(self.key_centering),
                 ),
             )
         )
 
     @meta_state.setter
     def meta_state(self, v):
-        offset, key_bits, value_bits, seed, layer_idx, head_dim = map(int, v)
+        offset, key_bits, value_bits, seed, layer_idx, head_dim, centering = map(int, v)
         self.offset, self.seed, self.layer_idx = offset, seed, layer_idx
+        self.key_centering = bool(centering)
         self.key_bits = check_turbo_bits("key_bits", key_bits)
         self.value_bits = check_turbo_bits("value_bits", value_bits)
         self.head_dim = head_dim or None
@@ -210,17 +238,16 @@ class TurboQuantKVCache(_BaseCache):
         """Bytes actually held: packed codes and norms (preallocated blocks included)."""
         if self.packed_keys is None:
             return 0
-        return sum(x.nbytes for x in self._buffers())
-
-    def settings(self):
-        return {"key_bits": self.key_bits, "value_bits": self.value_bits, "seed": self.seed}
+        return sum(x.nbytes for x in self._stored())
 
     def __deepcopy__(self, memo):
-        new = TurboQuantKVCache(self.key_bits, self.value_bits, self.seed, self.layer_idx)
+        new = TurboQuantKVCache(
+            self.key_bits, self.value_bits, self.seed, self.layer_idx, self.key_centering
+        )
         new.offset = self.offset
         new.head_dim = self.head_dim
         if self.packed_keys is not None:
-            new.state = tuple(mx.array(x) for x in self._buffers())
+            new.state = tuple(mx.array(x) for x in self._stored())
             new._derive()
         return new
 
@@ -252,6 +279,7 @@ def to_turbo_quantized_cache(
     turbo_key_bits=None,
     turbo_value_bits=None,
     turbo_seed: int = 0,
+    turbo_key_centering: bool = True,
 ):
     """A new cache list with the attention layers' KV caches as TurboQuantKVCache.
 
@@ -319,7 +347,9 @@ def to_turbo_quantized_cache(
                     "Use matching --turbo-* flags or a fresh cache."
                 )
         else:
-            new_cache[i] = c.to_turbo_quantized(key_bits, value_bits, seed=turbo_seed, layer_idx=i)
+            new_cache[i] = c.to_turbo_quantized(
+                key_bits, value_bits, turbo_seed, layer_idx=i, key_centering=turbo_key_centering
+            )
         converted += 1
     if converted == 0:
         raise ValueError(
