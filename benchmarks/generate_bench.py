@@ -23,7 +23,54 @@ import numpy as np
 
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import load
+from mlx_lm.utils import _get_classes, load
+
+# Random models of real shapes (speed does not depend on the weights' values), so a
+# benchmark can run where the real weights cannot travel. 4-bit weights like the GGUFs.
+RANDOM_MODELS = {
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        rms_norm_eps=1e-5,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        num_hidden_layers=28,
+        intermediate_size=18944,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        rms_norm_eps=1e-6,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def load_bench_model(name: str, dequantize: bool):
+    """A real model (path) or `random:<shape>` from RANDOM_MODELS."""
+    if not name.startswith("random:"):
+        return load(name, dequantize=dequantize)[0]
+    import mlx.nn as nn
+
+    config = RANDOM_MODELS[name.split(":", 1)[1]]
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    dtype = mx.float32 if dequantize else mx.float16
+    model.set_dtype(dtype)
+    if not dequantize:
+        nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
 
 # name -> make_prompt_cache / generate_step keyword arguments
 CONFIGS = {
@@ -96,7 +143,7 @@ def child(args):
     """--memory-child: one config, one context; print peak memory as JSON."""
     import resource
 
-    model, _ = load(args.model, dequantize=args.dequantize)
+    model = load_bench_model(args.model, args.dequantize)
     mx.eval(model.parameters())
     mx.reset_peak_memory()
     base = mx.get_active_memory()
@@ -114,7 +161,11 @@ def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True)
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"a model path, or random:<shape> with shape in {sorted(RANDOM_MODELS)}",
+    )
     parser.add_argument("--dequantize", action="store_true", help="float32 weights (fast on CPU)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--gen", type=int, default=64, help="tokens generated per run")
@@ -128,7 +179,7 @@ def main():
     if args.memory_child:
         return child(args)
 
-    model, _ = load(args.model, dequantize=args.dequantize)
+    model = load_bench_model(args.model, args.dequantize)
     mx.eval(model.parameters())
     device = str(mx.default_device())
     results = {}

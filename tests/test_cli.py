@@ -190,3 +190,18 @@ def test_cli_answers_paris(smollm2_gguf):
     )
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_chat_keeps_cache_across_turns(tiny_model_dir):
+    r = run(
+        "chat",
+        "--model",
+        tiny_model_dir,
+        "-m",
+        "4",
+        "--turbo-kv-bits",
+        "3",
+        stdin="hello\nagain\nr\nq\n",
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(">> ") == 4

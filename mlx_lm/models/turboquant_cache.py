@@ -12,6 +12,7 @@ and values, built lazily: a model that calls `mx.fast.scaled_dot_product_attenti
 directly gets correct results, and with our dispatch they are never computed.
 """
 
+from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
@@ -23,6 +24,22 @@ from .turboquant_packing import packed_words
 from .turboquant_rotation import inverse_rotate, rotation_signs
 
 SUPPORTED_BITS = tuple(range(1, 9))
+
+
+# Compiled once per bit width (and head_dim): fusing the dozens of small ops of
+# quantize/dequantize into a few kernels matters on the GPU, where launches dominate.
+@lru_cache(maxsize=None)
+def _quantizer(bits: int):
+    return mx.compile(lambda x, signs, centroids: turboquant_quantize(x, signs, centroids, bits))
+
+
+@lru_cache(maxsize=None)
+def _dequantizer(bits: int, head_dim: int):
+    return mx.compile(
+        lambda packed, norms, centroids: turboquant_dequantize_rotated(
+            packed, norms, centroids, bits, head_dim
+        )
+    )
 
 
 def check_turbo_bits(name: str, bits) -> int:
@@ -149,23 +166,19 @@ class TurboQuantKVCache(_BaseCache):
 
     def rotated_keys_values(self, dtype=mx.float32):
         """Keys and values of the context in the rotated domain: norm x centroid vector
-        (keys still centered: attention does not need the mean back)."""
+        (keys still centered: attention does not need the mean back).
+
+        The whole allocated buffer is dequantized and then sliced, so the compiled
+        dequantizer sees a new shape only when the buffer grows (every `step` tokens),
+        not at every decoded token."""
         n = self.offset
-        k = turboquant_dequantize_rotated(
-            self.packed_keys[:, :, :n],
-            self.key_norms[:, :, :n],
-            self.key_centroids,
-            self.key_bits,
-            self.head_dim,
+        k = _dequantizer(self.key_bits, self.head_dim)(
+            self.packed_keys, self.key_norms, self.key_centroids
         )
-        v = turboquant_dequantize_rotated(
-            self.packed_values[:, :, :n],
-            self.value_norms[:, :, :n],
-            self.value_centroids,
-            self.value_bits,
-            self.head_dim,
+        v = _dequantizer(self.value_bits, self.head_dim)(
+            self.packed_values, self.value_norms, self.value_centroids
         )
-        return k.astype(dtype), v.astype(dtype)
+        return k[:, :, :n].astype(dtype), v[:, :, :n].astype(dtype)
 
     # ---- the cache interface ----
 
