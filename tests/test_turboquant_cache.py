@@ -36,15 +36,16 @@ def test_nbytes_vs_fp16(head_dim, bits, min_ratio):
     T, H = 2048, 4
     x = mx.random.normal((1, H, T, head_dim)).astype(mx.float16)
     fp16, turbo = KVCache(), TurboQuantKVCache(bits, bits)
-    fp16.update_and_fetch(x, x)
-    turbo.update_and_fetch(x, x)
+    centered = TurboQuantKVCache(bits, bits, key_centering=True)
+    for c in (fp16, turbo, centered):
+        c.update_and_fetch(x, x)
     ratio = fp16.nbytes / turbo.nbytes
     assert ratio >= min_ratio, ratio
-    # What is held is exactly the packed codes and one float16 norm per vector, plus
-    # one float32 key mean per head (key centering).
+    # What is held is exactly the packed codes and one float16 norm per vector (plus
+    # one float32 key mean per head with key centering).
     words = -(-head_dim * bits // 32)
-    assert turbo.nbytes == 2 * H * T * (4 * words + 2) + H * head_dim * 4
-    assert TurboQuantKVCache(bits, bits, key_centering=False).nbytes == 0
+    assert turbo.nbytes == 2 * H * T * (4 * words + 2)
+    assert centered.nbytes == turbo.nbytes + H * head_dim * 4
 
 
 def test_returned_keys_values_work_with_plain_sdpa_and_match_dispatch():
@@ -110,6 +111,29 @@ def test_save_load_continue_trim_deepcopy_token_identical(tmp_path):
     assert trim_prompt_cache(c, 6) == 6
     again = model(seq[None, 24:], cache=c)
     np.testing.assert_array_equal(np.array(again), np.array(ref))
+
+
+def test_key_centering_roundtrip_and_softmax_invariance(tmp_path):
+    model = make_tiny_model("llama")
+    seq = tokens(40, seed=4)
+    cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_key_centering=True)
+    assert cache[0].key_centering
+    model(seq[None, :30], cache=cache)
+    path = str(tmp_path / "centered.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    assert loaded[0].key_centering and loaded[0].key_mean.shape == (1, 2, 1, 16)
+    a = model(seq[None, 30:], cache=cache)
+    b = model(seq[None, 30:], cache=loaded)
+    np.testing.assert_array_equal(np.array(a), np.array(b))
+    # The mean is never added back in attention: scores shift equally per query.
+    k = mx.random.normal((1, 2, 20, 64)) + 5.0
+    q = mx.random.normal((1, 4, 3, 64))
+    c = TurboQuantKVCache(8, 8, key_centering=True)
+    kd, vd = c.update_and_fetch(k, k)
+    plain = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask=None)
+    ours = scaled_dot_product_attention(q, kd, vd, cache=c, scale=0.125, mask=None)
+    np.testing.assert_allclose(np.array(plain), np.array(ours), atol=1e-4)
 
 
 def test_kvcache_to_turbo_quantized_equals_direct():

@@ -159,7 +159,7 @@ class KVCache(_BaseCache):
         value_bits: int = 3,
         seed: int = 0,
         layer_idx: int = 0,
-        key_centering: bool = True,
+        key_centering: bool = False,
     ):
         """Convert to a `TurboQuantKVCache` holding the same tokens, compressed."""
         from .turboquant_cache import TurboQuantKVCache
@@ -535,7 +535,7 @@ def make_prompt_cache(
     turbo_key_bits: Optional[int] = None,
     turbo_value_bits: Optional[int] = None,
     turbo_seed: int = 0,
-    turbo_key_centering: bool = True,
+    turbo_key_centering: bool = False,
 ) -> List[Any]:
     """One cache per layer for `model`.
 
