@@ -159,3 +159,17 @@ def smollm2(smollm2_gguf):
     from mlx_lm import load
 
     return load(smollm2_gguf, dequantize=True)
+
+
+def save_wordlevel_tokenizer(path, vocab_size):
+    """A word-level tokenizer ("t0".."t{vocab_size-1}") saved to `path`: enough for `load`
+    to find tokenizer files next to a tiny parity-test model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2"
+    ).save_pretrained(path)

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import save_wordlevel_tokenizer
 
 from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
@@ -328,18 +329,6 @@ def _hf_cases():
     }
 
 
-def _save_tiny_tokenizer(path, vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(path)
-
-
 def _randomize(hf_model, torch):
     """Replace transformers' small init with O(1)-logit weights so differences show."""
     with torch.no_grad():
@@ -371,7 +360,7 @@ def hf_models(tmp_path_factory):
         _randomize(hf, torch)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path)
-        _save_tiny_tokenizer(path, kwargs["vocab_size"])
+        save_wordlevel_tokenizer(path, kwargs["vocab_size"])
         tokens = torch.randint(0, kwargs["vocab_size"], (1, PROMPT + DECODE))
         with torch.no_grad():
             logits = hf(tokens).logits.float().numpy()
@@ -438,7 +427,7 @@ def test_multimodal_gemma3_checkpoint_text_path(tmp_path):
     hf = transformers.Gemma3ForConditionalGeneration(config).float().eval()
     _randomize(hf, torch)
     hf.save_pretrained(tmp_path)
-    _save_tiny_tokenizer(tmp_path, 300)
+    save_wordlevel_tokenizer(tmp_path, 300)
     tokens = torch.randint(0, 290, (1, 16))
     with torch.no_grad():
         want = hf(input_ids=tokens).logits.float().numpy()

@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import save_wordlevel_tokenizer
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_lm.models import deepseek_v3, glm4_moe_lite
@@ -385,18 +386,6 @@ def _hf_cases():
     }
 
 
-def _save_tiny_tokenizer(path, vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(path)
-
-
 def _randomize(hf_model, torch):
     """O(1)-logit weights (transformers' init is tiny) and a non-zero routing bias."""
     with torch.no_grad():
@@ -427,7 +416,7 @@ def hf_models(tmp_path_factory):
         _randomize(hf, torch)
         path = tmp_path_factory.mktemp(name)
         hf.save_pretrained(path)
-        _save_tiny_tokenizer(path, kwargs["vocab_size"])
+        save_wordlevel_tokenizer(path, kwargs["vocab_size"])
         tokens = torch.randint(0, kwargs["vocab_size"], (1, PROMPT + DECODE))
         with torch.no_grad():
             logits = hf(tokens).logits.float().numpy()

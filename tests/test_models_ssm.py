@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from conftest import save_wordlevel_tokenizer
 from mlx.utils import tree_flatten
 
 from mlx_lm.generate import generate_step
@@ -410,18 +411,6 @@ def _hf_cases():
     }
 
 
-def _save_tiny_tokenizer(path, vocab_size):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2"
-    ).save_pretrained(path)
-
-
 def _randomize(hf_model, torch):
     """O(1)-logit random weights. Qwen3-Next's RMSNorms are zero-centred (1 + w); its
     DeltaNet output norm and Mamba-2's norms are not."""
@@ -453,7 +442,7 @@ def test_logits_match_transformers(name, tmp_path):
     hf = hf.float().eval()
     _randomize(hf, torch)
     hf.save_pretrained(tmp_path)
-    _save_tiny_tokenizer(tmp_path, kwargs["vocab_size"])
+    save_wordlevel_tokenizer(tmp_path, kwargs["vocab_size"])
     tokens = torch.randint(0, kwargs["vocab_size"], (1, prompt + 8))
     with torch.no_grad():
         want = hf(tokens).logits.float().numpy()
