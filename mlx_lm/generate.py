@@ -10,6 +10,7 @@ from typing import Any, Callable, Generator, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from .models import cache as cache_module
 from .sample_utils import make_logits_processors, make_sampler
@@ -35,7 +36,7 @@ def wired_limit(model: nn.Module, streams: Optional[List[mx.Stream]] = None):
     if not mx.metal.is_available():
         yield
         return
-    model_bytes = sum(v.nbytes for _, v in _tree_leaves(model.parameters()))
+    model_bytes = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     max_rec = mx.metal.device_info()["max_recommended_working_set_size"]
     old_limit = mx.set_wired_limit(min(model_bytes, max_rec))
     try:
@@ -47,12 +48,6 @@ def wired_limit(model: nn.Module, streams: Optional[List[mx.Stream]] = None):
         else:
             mx.synchronize()
         mx.set_wired_limit(old_limit)
-
-
-def _tree_leaves(tree):
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(tree)
 
 
 @dataclass
