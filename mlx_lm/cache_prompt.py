@@ -14,8 +14,8 @@ from .generate import (
     build_messages,
     check_kv_flags,
     fail,
+    generate_step,
     load_cli_model,
-    maybe_quantize_kv_cache,
     model_fingerprint,
     turbo_kwargs,
 )
@@ -77,13 +77,23 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     tic = time.perf_counter()
-    step = args.prefill_step_size
-    for start in range(0, len(tokens), step):
-        model(mx.array(tokens[start : start + step])[None], cache=cache)
-        maybe_quantize_kv_cache(cache, args.quantized_kv_start, args.kv_group_size, args.kv_bits)
-        mx.eval([c.state for c in cache])
-        done = min(start + step, len(tokens))
-        print(f"\rProcessed {done}/{len(tokens)} tokens", end="", file=sys.stderr, flush=True)
+
+    def progress(done, total):
+        print(f"\rProcessed {done}/{total} tokens", end="", file=sys.stderr, flush=True)
+
+    # The same prefill as generation (chunks, --kv-bits conversion), with no new token.
+    for _ in generate_step(
+        mx.array(tokens),
+        model,
+        max_tokens=0,
+        prompt_cache=cache,
+        prefill_step_size=args.prefill_step_size,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
+        quantized_kv_start=args.quantized_kv_start,
+        prompt_progress_callback=progress,
+    ):
+        pass
     print(file=sys.stderr)
     elapsed = time.perf_counter() - tic
     metadata = {
