@@ -84,6 +84,15 @@ def maybe_quantize_kv_cache(prompt_cache, quantized_kv_start, kv_group_size, kv_
         return
     for i, c in enumerate(prompt_cache):
         if type(c) is cache_module.KVCache and c.offset >= quantized_kv_start:
+            widths = sorted({a.shape[-1] for a in c.state}) if c.keys is not None else []
+            if any(w % kv_group_size for w in widths):
+                fits = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)]
+                raise ValueError(
+                    f"--kv-bits cannot quantize layer {i}'s cache: its key/value widths "
+                    f"{' and '.join(map(str, widths))} are not multiples of --kv-group-size "
+                    f"{kv_group_size}. "
+                    + (f"Use --kv-group-size {fits[-1]}." if fits else "Drop --kv-bits.")
+                )
             prompt_cache[i] = c.to_quantized(group_size=kv_group_size, bits=kv_bits)
 
 
@@ -121,6 +130,7 @@ def generate_step(
     turbo_fp16_layers: int = 0,
     turbo_key_bits: Optional[int] = None,
     turbo_value_bits: Optional[int] = None,
+    turbo_key_centering: bool = True,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) pairs generated from `prompt`.
 
@@ -141,9 +151,10 @@ def generate_step(
         kv_bits, kv_group_size, quantized_kv_start: upstream's affine KV quantization.
         prompt_progress_callback: called as (processed, total) during prefill.
         input_embeddings: optional embeddings used in place of the prompt's tokens.
-        turbo_kv_bits, turbo_fp16_layers, turbo_key_bits, turbo_value_bits: compress the
-            KV cache with TurboQuant (see `make_prompt_cache`); a caller's own
-            `prompt_cache` is converted layer by layer, in place.
+        turbo_kv_bits, turbo_fp16_layers, turbo_key_bits, turbo_value_bits,
+            turbo_key_centering: compress the KV cache with TurboQuant (see
+            `make_prompt_cache`); a caller's own `prompt_cache` is converted layer by
+            layer, in place.
     """
     if not isinstance(max_tokens, int) or max_tokens < -1:
         raise ValueError(f"max_tokens must be a non-negative integer or -1 (got {max_tokens}).")
@@ -159,6 +170,7 @@ def generate_step(
         turbo_fp16_layers=turbo_fp16_layers,
         turbo_key_bits=turbo_key_bits,
         turbo_value_bits=turbo_value_bits,
+        turbo_key_centering=turbo_key_centering,
     )
     use_turbo = any(
         turbo[k] is not None for k in ("turbo_kv_bits", "turbo_key_bits", "turbo_value_bits")
@@ -456,6 +468,13 @@ def add_kv_args(parser: argparse.ArgumentParser):
         default=None,
         help="TurboQuant bits for values (1-8; overrides --turbo-kv-bits).",
     )
+    parser.add_argument(
+        "--turbo-no-key-centering",
+        dest="turbo_key_centering",
+        action="store_false",
+        help="Quantize TurboQuant keys as they are, not as residuals from the causal "
+        "running key mean (plain TurboQuant_mse; for comparisons).",
+    )
 
 
 def _turbo_bits(flag: str, choices):
@@ -502,6 +521,7 @@ def turbo_kwargs(args) -> dict:
         turbo_fp16_layers=args.turbo_fp16_layers,
         turbo_key_bits=args.turbo_key_bits,
         turbo_value_bits=args.turbo_value_bits,
+        turbo_key_centering=args.turbo_key_centering,
     )
 
 
@@ -624,13 +644,16 @@ def report_cache(prompt_cache):
     """One line on what the KV cache is, when it is compressed."""
     from collections import Counter
 
-    kinds = Counter(type(c).__name__ for c in prompt_cache)
-    if "TurboQuantKVCache" in kinds:
-        turbo = next(c for c in prompt_cache if type(c).__name__ == "TurboQuantKVCache")
+    from .models.turboquant_cache import TurboQuantCodec
+
+    turbo = [c for c in prompt_cache if isinstance(c, TurboQuantCodec)]
+    if turbo:
+        others = Counter(type(c).__name__ for c in prompt_cache if c not in turbo)
+        rest = ", ".join(f"{n} {k}" for k, n in others.items())
         print(
-            f"[turboquant] {kinds['TurboQuantKVCache']} of {len(prompt_cache)} layers compressed "
-            f"(keys {turbo.key_bits}-bit, values {turbo.value_bits}-bit); "
-            + ", ".join(f"{n} {k}" for k, n in kinds.items() if k != "TurboQuantKVCache"),
+            f"[turboquant] {len(turbo)} of {len(prompt_cache)} layers compressed "
+            f"(keys {turbo[0].key_bits}-bit, values {turbo[0].value_bits}-bit)"
+            + (f"; {rest}" if rest else ""),
             file=sys.stderr,
         )
 
@@ -718,19 +741,22 @@ def main(argv: Optional[List[str]] = None):
         fail(str(e))
     if args.verbose:
         report_cache(prompt_cache)
-    text = generate(
-        model,
-        tokenizer,
-        tokens,
-        verbose=args.verbose,
-        max_tokens=args.max_tokens,
-        sampler=sampler,
-        prompt_cache=prompt_cache,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        quantized_kv_start=args.quantized_kv_start,
-        prefill_step_size=args.prefill_step_size,
-    )
+    try:
+        text = generate(
+            model,
+            tokenizer,
+            tokens,
+            verbose=args.verbose,
+            max_tokens=args.max_tokens,
+            sampler=sampler,
+            prompt_cache=prompt_cache,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            quantized_kv_start=args.quantized_kv_start,
+            prefill_step_size=args.prefill_step_size,
+        )
+    except ValueError as e:  # e.g. --kv-group-size not dividing the cache's widths
+        fail(str(e))
     if not args.verbose:
         print(text)
 

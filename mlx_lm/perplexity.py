@@ -156,6 +156,8 @@ def describe_config(args) -> str:
         parts.append(f"turbo K{k}/V{v}")
         if args.turbo_fp16_layers:
             parts.append(f"fp16-layers {args.turbo_fp16_layers}")
+        if not args.turbo_key_centering:
+            parts.append("uncentered")
     else:
         parts.append("fp16")
     if args.max_kv_size is not None:

@@ -39,7 +39,6 @@ from .generate import (
     add_model_args,
     check_kv_flags,
     fail,
-    generation_stream,
     load_cli_model,
     stream_generate,
     turbo_kwargs,
@@ -52,7 +51,6 @@ DEFAULT_MAX_CONTEXT = 8192
 MAX_BODY_BYTES = 16 * 1024 * 1024
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
-KEY_MEAN_ANCHOR = 32  # tokens of the first chunk TurboQuant's key mean is taken from
 ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -101,7 +99,6 @@ class _CacheEntry:
     tokens: List[int]
     cache: List[Any]
     nbytes: int
-    anchor: int = 0
 
 
 def _common_prefix(a: List[int], b: List[int]) -> int:
@@ -141,19 +138,17 @@ class PromptCacheStore:
                 "tokens": [len(e.tokens) for e in self._entries.values()],
             }
 
-    def fetch(self, tokens: List[int], anchor: int = 0) -> Tuple[Optional[List[Any]], int]:
+    def fetch(self, tokens: List[int]) -> Tuple[Optional[List[Any]], int]:
         """A private copy of the cache sharing the longest prefix with `tokens`, trimmed
         to that prefix, and the prefix length. At least one token is always left to
         process (the model must see a token to produce logits).
 
-        `anchor`: the length of the first chunk a fresh computation of `tokens` would
-        prefill on its own (see `ModelServer.anchor`); only entries made with the same
-        anchor, sharing at least that many tokens, can stand in for it."""
+        A cache's contents depend only on its tokens, not on how they were chunked
+        (TurboQuant's key means are causal, see `TurboQuantCodec`), so a reused prefix
+        answers exactly like a fresh computation."""
         with self._lock:
             best_id, best = None, 0
             for key, entry in self._entries.items():
-                if entry.anchor != anchor:
-                    continue
                 n = _common_prefix(entry.tokens, tokens)
                 if n > best:
                     best_id, best = key, n
@@ -161,7 +156,7 @@ class PromptCacheStore:
                 return None, 0
             entry = self._entries[best_id]
             reuse = min(best, len(tokens) - 1)
-            if reuse <= 0 or reuse < anchor:
+            if reuse <= 0:
                 return None, 0
             extra = len(entry.tokens) - reuse
             if extra > 0 and not cache_module.can_trim_prompt_cache(entry.cache):
@@ -172,7 +167,7 @@ class PromptCacheStore:
             cache_module.trim_prompt_cache(cache, extra)
         return cache, reuse
 
-    def insert(self, tokens: List[int], cache: List[Any], anchor: int = 0):
+    def insert(self, tokens: List[int], cache: List[Any]):
         nbytes = sum(c.nbytes for c in cache)
         with self._lock:
             # A stored conversation that this one extends is superseded by it.
@@ -184,7 +179,7 @@ class PromptCacheStore:
                 del self._entries[key]
             if self.max_entries <= 0 or (self.max_bytes is not None and nbytes > self.max_bytes):
                 return
-            self._entries[self._next_id] = _CacheEntry(list(tokens), cache, nbytes, anchor)
+            self._entries[self._next_id] = _CacheEntry(list(tokens), cache, nbytes)
             self._next_id += 1
             while len(self._entries) > self.max_entries or (
                 self.max_bytes is not None and self.nbytes > self.max_bytes
@@ -488,13 +483,6 @@ class ModelServer:
         self.requests: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
         self.active = 0  # requests queued or running
         self._active_lock = threading.Lock()
-        # TurboQuant's key centering subtracts a mean of the keys of the first chunk a
-        # cache stores, so a cache's contents depend on how its prompt was chunked. A
-        # reused prefix then answers differently from a fresh computation of the same
-        # prompt. Prefilling a fixed first chunk of `anchor` tokens on its own makes the
-        # mean a function of the prompt's first tokens only, and reuse exact again.
-        centering = any(getattr(c, "key_centering", False) for c in self._new_cache())
-        self.anchor = KEY_MEAN_ANCHOR if centering else 0
 
     # -- called from HTTP threads --
 
@@ -586,17 +574,10 @@ class ModelServer:
             )
         max_tokens = min(request.max_tokens, self.max_context - len(tokens))
 
-        anchor = min(self.anchor, len(tokens) - 1)
-        cache, cached = self.prompt_cache.fetch(tokens, anchor)
+        cache, cached = self.prompt_cache.fetch(tokens)
         start = cached
         if cache is None:
             cache = self._new_cache()
-            if anchor > 0:
-                # The fixed first chunk (see `anchor`), prefilled on its own.
-                with mx.stream(generation_stream):
-                    self.model(mx.array(tokens[:anchor], dtype=mx.uint32)[None], cache=cache)
-                    mx.eval([c.state for c in cache])
-                start = anchor
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(
@@ -657,7 +638,7 @@ class ModelServer:
             steps.close()
         # The cache holds the prompt and every token generated (generation runs a step
         # ahead); keep it for the next turn of this conversation.
-        self._store(tokens + generated, cache, anchor)
+        self._store(tokens + generated, cache)
         if finish_reason == "cancelled":
             return
         usage = {
@@ -668,7 +649,7 @@ class ModelServer:
         }
         request.events.put(("done", finish_reason or "length", usage))
 
-    def _store(self, tokens: List[int], cache: List[Any], anchor: int):
+    def _store(self, tokens: List[int], cache: List[Any]):
         if self.prompt_cache.max_entries <= 0:
             return
         held = getattr(cache[0], "offset", None)
@@ -680,7 +661,7 @@ class ModelServer:
             cache_module.trim_prompt_cache(cache, held - len(tokens))
             held = len(tokens)
         mx.eval([c.state for c in cache])
-        self.prompt_cache.insert(tokens[:held], cache, anchor)
+        self.prompt_cache.insert(tokens[:held], cache)
 
 
 # ----------------------------------------------------------------------------

@@ -20,7 +20,15 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
     trim_prompt_cache,
 )
-from mlx_lm.models.turboquant_cache import TurboQuantKVCache, to_turbo_quantized_cache
+from mlx_lm.models.turboquant_cache import (
+    KEY_MEAN_MAX_SEGMENT,
+    RotatingTurboQuantKVCache,
+    TurboQuantKVCache,
+    key_mean_segment,
+    key_mean_segments,
+    segment_start,
+    to_turbo_quantized_cache,
+)
 
 
 def tokens(n, seed=0, vocab=128):
@@ -36,16 +44,16 @@ def test_nbytes_vs_fp16(head_dim, bits, min_ratio):
     T, H = 2048, 4
     x = mx.random.normal((1, H, T, head_dim)).astype(mx.float16)
     fp16, turbo = KVCache(), TurboQuantKVCache(bits, bits)
-    centered = TurboQuantKVCache(bits, bits, key_centering=True)
-    for c in (fp16, turbo, centered):
+    plain = TurboQuantKVCache(bits, bits, key_centering=False)
+    for c in (fp16, turbo, plain):
         c.update_and_fetch(x, x)
     ratio = fp16.nbytes / turbo.nbytes
     assert ratio >= min_ratio, ratio
-    # What is held is exactly the packed codes and one float16 norm per vector (plus
-    # one float32 key mean per head with key centering).
+    # What is held is exactly the packed codes and one float16 norm per vector, plus
+    # one float16 key mean per head for each segment opened (at 32, 128 and 512 tokens).
     words = -(-head_dim * bits // 32)
-    assert turbo.nbytes == 2 * H * T * (4 * words + 2)
-    assert centered.nbytes == turbo.nbytes + H * head_dim * 4
+    assert plain.nbytes == 2 * H * T * (4 * words + 2)
+    assert turbo.nbytes == plain.nbytes + 3 * H * head_dim * 2
 
 
 def test_returned_keys_values_work_with_plain_sdpa_and_match_dispatch():
@@ -113,27 +121,76 @@ def test_save_load_continue_trim_deepcopy_token_identical(tmp_path):
     np.testing.assert_array_equal(np.array(again), np.array(ref))
 
 
-def test_key_centering_roundtrip_and_softmax_invariance(tmp_path):
+def test_key_mean_segments():
+    assert [segment_start(s) for s in range(5)] == [0, 32, 128, 512, 2048]
+    positions = [0, 31, 32, 127, 128, 511, 512, 2047, 2048, 10**7]
+    want = [0, 0, 1, 1, 2, 2, 3, 3, 4, KEY_MEAN_MAX_SEGMENT]
+    assert [key_mean_segment(p) for p in positions] == want
+    every = np.array(key_mean_segments(0, 9000))
+    assert every.tolist() == [key_mean_segment(p) for p in range(9000)]
+    assert np.array(key_mean_segments(100, 140)).tolist() == [1] * 28 + [2] * 12
+
+
+def test_key_means_are_causal_and_chunking_invariant(tmp_path):
+    """M_s is the mean of the reconstructed keys before 32·4^(s-1), whatever the chunks;
+    keys far from zero (a large per-channel offset, as real keys have) are reconstructed
+    much better than without centering."""
+    k = mx.random.normal((1, 2, 600, 64)) + 3.0 * mx.random.normal((1, 2, 1, 64))
+    one = TurboQuantKVCache(3, 3)
+    one.update_and_fetch(k, k)
+    assert one.segments_held == 4 and one.key_means.dtype == mx.float16
+    chunked = TurboQuantKVCache(3, 3)
+    for a, b in [(0, 5), (5, 6), (6, 200), (200, 511), (511, 512), (512, 513), (513, 600)]:
+        chunked.update_and_fetch(k[:, :, a:b], k[:, :, a:b])
+    for x, y in zip(one.state, chunked.state):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+    # M_2 is the mean of the reconstructed keys of positions 0..127.
+    k_rot, _ = one.rotated_keys_values()
+    np.testing.assert_allclose(
+        np.array(one.key_means[:, :, 1]), np.array(k_rot[:, :, :128].mean(axis=2)), atol=2e-3
+    )
+    plain = TurboQuantKVCache(3, 3, key_centering=False)
+    plain.update_and_fetch(k, k)
+
+    def error(c):
+        kd, _ = c._fetch(mx.float32)
+        return float(mx.mean(mx.sum((kd - k) ** 2, -1)) / mx.mean(mx.sum(k**2, -1)))
+
+    assert error(one) < 0.5 * error(plain), (error(one), error(plain))
+
+
+def test_key_centering_roundtrip_and_attention(tmp_path):
     model = make_tiny_model("llama")
-    seq = tokens(40, seed=4)
-    cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_key_centering=True)
+    seq = tokens(200, seed=4)
+    cache = make_prompt_cache(model, turbo_kv_bits=4)
     assert cache[0].key_centering
-    model(seq[None, :30], cache=cache)
+    model(seq[None, :150], cache=cache)
+    assert cache[0].segments_held == 3
     path = str(tmp_path / "centered.safetensors")
     save_prompt_cache(path, cache)
     loaded = load_prompt_cache(path)
-    assert loaded[0].key_centering and loaded[0].key_mean.shape == (1, 2, 1, 16)
-    a = model(seq[None, 30:], cache=cache)
-    b = model(seq[None, 30:], cache=loaded)
+    assert loaded[0].key_centering and loaded[0].key_means.shape == (1, 2, 2, 16)
+    a = model(seq[None, 150:], cache=cache)
+    b = model(seq[None, 150:], cache=loaded)
     np.testing.assert_array_equal(np.array(a), np.array(b))
-    # The mean is never added back in attention: scores shift equally per query.
-    k = mx.random.normal((1, 2, 20, 64)) + 5.0
+    # Trim back past a segment start and re-feed: the same logits as a run that never
+    # went past it (chunks of the same shapes).
+    assert trim_prompt_cache(cache, 100) == 100 and cache[0].segments_held == 2
+    fresh = make_prompt_cache(model, turbo_kv_bits=4)
+    model(seq[None, :100], cache=fresh)
+    for c in (cache, fresh):
+        last = [model(seq[None, a:b], cache=c) for a, b in [(100, 150), (150, 200)]][-1]
+        np.testing.assert_array_equal(np.array(last), np.array(a))
+    # The means are added back: rotated-domain attention equals plain attention over the
+    # returned (dequantized) keys.
+    k = mx.random.normal((1, 2, 300, 64)) + 5.0
     q = mx.random.normal((1, 4, 3, 64))
-    c = TurboQuantKVCache(8, 8, key_centering=True)
+    c = TurboQuantKVCache(8, 8)
     kd, vd = c.update_and_fetch(k, k)
     plain = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask=None)
     ours = scaled_dot_product_attention(q, kd, vd, cache=c, scale=0.125, mask=None)
     np.testing.assert_allclose(np.array(plain), np.array(ours), atol=1e-4)
+    np.testing.assert_allclose(np.array(kd[:, :, 32:]), np.array(k[:, :, 32:]), atol=0.1)
 
 
 def test_kvcache_to_turbo_quantized_equals_direct():
@@ -240,10 +297,12 @@ def test_failed_conversion_leaves_callers_cache_untouched():
     assert all(isinstance(c, TurboQuantKVCache) for c in cache) and cache[0].offset == 5 + 3 + 1
 
 
-def test_rotating_layers_stay_and_all_rotating_is_an_error():
+def test_rotating_layers_become_rotating_turbo_caches():
     model = make_tiny_model("llama")
-    with pytest.raises(ValueError, match="rotating"):
-        make_prompt_cache(model, max_kv_size=64, turbo_kv_bits=3)
+    cache = make_prompt_cache(model, max_kv_size=64, turbo_kv_bits=3)
+    assert all(type(c) is RotatingTurboQuantKVCache for c in cache)
+    assert (cache[0].max_size, cache[0].keep) == (64, 4)
     mixed = _StandInModel("gemma3_text", [RotatingKVCache(max_size=8), KVCache()])
     cache = make_prompt_cache(mixed, turbo_kv_bits=3)
-    assert [type(c).__name__ for c in cache] == ["RotatingKVCache", "TurboQuantKVCache"]
+    assert [type(c).__name__ for c in cache] == ["RotatingTurboQuantKVCache", "TurboQuantKVCache"]
+    assert cache[0].max_size == 8

@@ -1,7 +1,5 @@
 """TurboQuant on real SmolLM2-135M keys and values (slow: real weights)."""
 
-import math
-
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,6 +7,7 @@ import pytest
 import mlx_lm.models.llama as llama
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.turboquant_cache import TurboQuantKVCache
+from mlx_lm.perplexity import compare, teacher_forced_logprobs
 
 pytestmark = pytest.mark.slow
 
@@ -83,52 +82,31 @@ def test_real_kv_cosine_and_attention_error_vs_affine(captured):
         assert rows[bits]["tq"] <= rows[bits]["affine"], (bits, rows[bits])
 
 
-def teacher_forced(model, tokens, cache, chunk=512):
-    """Log-probabilities of each next token, the text fed through `cache` in chunks."""
-    out = []
-    for start in range(0, tokens.size, chunk):
-        logits = model(tokens[None, start : start + chunk], cache=cache)
-        out.append(logits[0].astype(mx.float32))
-        mx.eval(out[-1])
-    logits = mx.concatenate(out, axis=0)[:-1]
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+SEEDS = (0, 1, 2)
 
 
 @pytest.fixture(scope="module")
 def teacher_forced_runs(smollm2, prose):
-    """FP and TurboQuant 4-bit (defaults) runs over 2,048 tokens, chunks of 512."""
+    """FP and TurboQuant 4-bit (defaults) over 2,048 tokens fed in chunks of 512, for
+    three rotation seeds: the seed alone moves top-1 agreement by about ±0.006, as
+    much as the margin being tested, so the target is checked on the mean."""
     model, tokenizer = smollm2
     tokens = mx.array(tokenizer.encode(prose)[:2049])
-    ref = teacher_forced(model, tokens, make_prompt_cache(model))
-    tq4 = teacher_forced(model, tokens, make_prompt_cache(model, turbo_kv_bits=4))
-
-    def ppl(logprobs):
-        nll = -mx.take_along_axis(logprobs, tokens[1:, None], axis=-1)
-        return math.exp(float(mx.mean(nll)))
-
-    top1 = float(mx.mean(mx.argmax(ref, -1) == mx.argmax(tq4, -1)))
-    print(
-        f"\nFP cache ppl {ppl(ref):.3f}; TurboQuant 4-bit ppl {ppl(tq4):.3f} "
-        f"({100 * (ppl(tq4) / ppl(ref) - 1):+.1f}%), top-1 agreement {top1:.3f}"
-    )
-    return ppl(ref), ppl(tq4), top1
+    ref = teacher_forced_logprobs(model, tokens, make_prompt_cache(model))
+    runs = []
+    for seed in SEEDS:
+        cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_seed=seed)
+        figures = compare(ref, teacher_forced_logprobs(model, tokens, cache), tokens[1:])
+        runs.append((figures["ppl"] / figures["ref_ppl"] - 1, figures["top1"]))
+        print(f"\nseed {seed}: perplexity {100 * runs[-1][0]:+.1f}%, top-1 {runs[-1][1]:.3f}")
+    return float(np.mean([r[0] for r in runs])), float(np.mean([r[1] for r in runs]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Issue 3 target not met yet: with the defaults, 4-bit TurboQuant measured +6.9% "
-    "perplexity and top-1 0.841 on this text (seed 0; +7.6%/0.842 mean over seeds 0-3). Key "
-    "centering reaches +4.9%/0.870 here but breaks short chat prompts, so it is off (issue 7).",
-)
 def test_4_bit_quality_target(teacher_forced_runs):
-    ppl_ref, ppl_tq4, top1 = teacher_forced_runs
-    assert ppl_tq4 <= 1.07 * ppl_ref and top1 >= 0.87
-
-
-def test_4_bit_quality_regression_guard(teacher_forced_runs):
-    """Not the target (see above): guards the level reached against regressions."""
-    ppl_ref, ppl_tq4, top1 = teacher_forced_runs
-    assert ppl_tq4 <= 1.10 * ppl_ref and top1 >= 0.82
+    """Issue 3: within +7% perplexity and top-1 agreement >= 0.87 (plain TurboQuant
+    without the causal key mean measured +6.9% / 0.841 here)."""
+    ppl_increase, top1 = teacher_forced_runs
+    assert ppl_increase <= 0.07 and top1 >= 0.87, (ppl_increase, top1)
 
 
 def test_cli_paris_with_3_bits_and_fp16_layers(smollm2_gguf):

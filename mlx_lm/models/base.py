@@ -8,7 +8,7 @@ import mlx.core as mx
 
 from .cache import QuantizedKVCache
 from .turboquant_attention import turboquant_scaled_dot_product_attention
-from .turboquant_cache import TurboQuantKVCache
+from .turboquant_cache import TurboQuantCodec
 
 
 @dataclass
@@ -116,7 +116,7 @@ def scaled_dot_product_attention(
     their context compressed get their own attention (dispatched on the cache class);
     everything else goes to `mx.fast.scaled_dot_product_attention`.
     """
-    if isinstance(cache, TurboQuantKVCache):
+    if isinstance(cache, TurboQuantCodec):
         return turboquant_scaled_dot_product_attention(queries, cache, scale=scale, mask=mask)
     if isinstance(cache, QuantizedKVCache):
         return quantized_scaled_dot_product_attention(

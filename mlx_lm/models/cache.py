@@ -26,7 +26,16 @@ def _causal_mask_for(N: int, offset: int, window_size: Optional[int], return_arr
 
 
 def _nbytes(tree) -> int:
-    return sum(x.nbytes for _, x in tree_flatten(tree) if isinstance(x, mx.array))
+    return sum(x.nbytes for x in _leaves(tree))
+
+
+def _leaves(tree) -> List[mx.array]:
+    return [x for _, x in tree_flatten(tree) if isinstance(x, mx.array)]
+
+
+def _length(v) -> int:
+    """Tokens in a buffer or a tuple of buffers (axis 2)."""
+    return _leaves(v)[0].shape[2]
 
 
 class _BaseCache:
@@ -159,7 +168,7 @@ class KVCache(_BaseCache):
         value_bits: int = 3,
         seed: int = 0,
         layer_idx: int = 0,
-        key_centering: bool = False,
+        key_centering: bool = True,
     ):
         """Convert to a `TurboQuantKVCache` holding the same tokens, compressed."""
         from .turboquant_cache import TurboQuantKVCache
@@ -191,26 +200,33 @@ class RotatingKVCache(_BaseCache):
         self.step = step
         self._idx = 0
 
+    # The ring operations below work on a buffer or a tuple of buffers (token axis 2), so
+    # that a compressed cache (RotatingTurboQuantKVCache) can keep its codes in the ring.
+
     def _trim(self, trim_size, v, append=None):
-        to_cat = []
-        if trim_size > 0:
-            to_cat = [v[..., : self.keep, :], v[..., trim_size + self.keep :, :]]
-        else:
-            to_cat = [v]
-        if append is not None:
-            to_cat.append(append)
-        return mx.concatenate(to_cat, axis=2)
+        def one(x, *new):
+            parts = [x[..., : self.keep, :], x[..., trim_size + self.keep :, :]]
+            return mx.concatenate((parts if trim_size > 0 else [x]) + list(new), axis=2)
+
+        return tree_map(one, v) if append is None else tree_map(one, v, append)
 
     def _temporal_order(self, v):
         """The buffer's tokens oldest first (the ring may have wrapped)."""
-        if self._idx == v.shape[2]:
+        if self._idx == _length(v):
             return v
         if self._idx < self.offset:
-            return mx.concatenate(
-                [v[..., : self.keep, :], v[..., self._idx :, :], v[..., self.keep : self._idx, :]],
-                axis=2,
+            return tree_map(
+                lambda x: mx.concatenate(
+                    [
+                        x[..., : self.keep, :],
+                        x[..., self._idx :, :],
+                        x[..., self.keep : self._idx, :],
+                    ],
+                    axis=2,
+                ),
+                v,
             )
-        return v[..., : self._idx, :]
+        return tree_map(lambda x: x[..., : self._idx, :], v)
 
     def _update_concat(self, keys, values):
         if self.keys is None:
@@ -218,30 +234,33 @@ class RotatingKVCache(_BaseCache):
         else:
             self.keys = self._temporal_order(self.keys)
             self.values = self._temporal_order(self.values)
-            self._idx = self.keys.shape[2]
+            self._idx = _length(self.keys)
             trim_size = self._idx - self.max_size + 1
             self.keys = self._trim(trim_size, self.keys, keys)
             self.values = self._trim(trim_size, self.values, values)
-        self.offset += keys.shape[2]
-        self._idx = self.keys.shape[2]
+        self.offset += _length(keys)
+        self._idx = _length(self.keys)
         return self.keys, self.values
 
     def _update_in_place(self, keys, values):
-        B, n_kv_heads, S, k_head_dim = keys.shape
+        S = _length(keys)
         prev = self.offset
-        if self.keys is None or (prev >= self.keys.shape[2] and self.keys.shape[2] < self.max_size):
-            v_head_dim = values.shape[3]
+        if self.keys is None or (prev >= _length(self.keys) and _length(self.keys) < self.max_size):
             new_size = min(self.step, self.max_size - prev)
-            new_k = mx.zeros((B, n_kv_heads, new_size, k_head_dim), keys.dtype)
-            new_v = mx.zeros((B, n_kv_heads, new_size, v_head_dim), values.dtype)
+
+            def blank(x):
+                return mx.zeros((x.shape[0], x.shape[1], new_size, *x.shape[3:]), x.dtype)
+
+            new_k, new_v = tree_map(blank, keys), tree_map(blank, values)
             if self.keys is not None:
-                self.keys = mx.concatenate([self.keys, new_k], axis=2)
-                self.values = mx.concatenate([self.values, new_v], axis=2)
+                grow = lambda old, new: mx.concatenate([old, new], axis=2)  # noqa: E731
+                self.keys = tree_map(grow, self.keys, new_k)
+                self.values = tree_map(grow, self.values, new_v)
             else:
                 self.keys, self.values = new_k, new_v
             self._idx = prev
 
-        trim_size = self.keys.shape[2] - self.max_size
+        trim_size = _length(self.keys) - self.max_size
         if trim_size > 0:
             self.keys = self._trim(trim_size, self.keys)
             self.values = self._trim(trim_size, self.values)
@@ -250,17 +269,20 @@ class RotatingKVCache(_BaseCache):
         if self._idx == self.max_size:
             self._idx = self.keep
 
-        self.keys[..., self._idx : self._idx + S, :] = keys
-        self.values[..., self._idx : self._idx + S, :] = values
+        for buf, new in zip(_leaves((self.keys, self.values)), _leaves((keys, values))):
+            buf[..., self._idx : self._idx + S, :] = new
         self.offset += S
         self._idx += S
+        return self._filled()
 
-        if self.offset < self.max_size:
-            return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+    def _filled(self):
+        """(keys, values) of the filled part of the buffer."""
+        if self.offset < _length(self.keys):
+            return tree_map(lambda x: x[..., : self.offset, :], (self.keys, self.values))
         return self.keys, self.values
 
     def update_and_fetch(self, keys, values):
-        if keys.shape[2] == 1:
+        if _length(keys) == 1:
             return self._update_in_place(keys, values)
         return self._update_concat(keys, values)
 
@@ -271,9 +293,7 @@ class RotatingKVCache(_BaseCache):
     def state(self):
         if self.keys is None:
             return []
-        if self.offset < self.keys.shape[2]:
-            return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-        return self.keys, self.values
+        return self._filled()
 
     @state.setter
     def state(self, v):
@@ -299,6 +319,37 @@ class RotatingKVCache(_BaseCache):
         self._idx -= n
         return n
 
+    def to_turbo_quantized(
+        self,
+        key_bits: int = 3,
+        value_bits: int = 3,
+        seed: int = 0,
+        layer_idx: int = 0,
+        key_centering: bool = True,
+    ):
+        """Convert to a `RotatingTurboQuantKVCache` with the same window and tokens."""
+        from .turboquant_cache import RotatingTurboQuantKVCache
+
+        turbo = RotatingTurboQuantKVCache(
+            self.max_size,
+            self.keep,
+            self.step,
+            key_bits,
+            value_bits,
+            seed,
+            layer_idx,
+            key_centering,
+        )
+        if self.keys is not None and self.offset > 0:
+            if self.offset > _length(self.keys):
+                raise ValueError(
+                    f"This sliding-window cache has already dropped tokens ({self.offset} seen, "
+                    f"{_length(self.keys)} held): convert it to TurboQuant before its window "
+                    "fills, or start from an empty cache."
+                )
+            turbo.update_and_fetch(*self.state)  # nothing dropped: in temporal order
+        return turbo
+
     def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
         from .base import create_causal_mask
 
@@ -318,7 +369,7 @@ class RotatingKVCache(_BaseCache):
 
     @property
     def nbytes(self):
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        return _nbytes((self.keys, self.values))
 
 
 class QuantizedKVCache(_BaseCache):
@@ -535,7 +586,7 @@ def make_prompt_cache(
     turbo_key_bits: Optional[int] = None,
     turbo_value_bits: Optional[int] = None,
     turbo_seed: int = 0,
-    turbo_key_centering: bool = False,
+    turbo_key_centering: bool = True,
 ) -> List[Any]:
     """One cache per layer for `model`.
 

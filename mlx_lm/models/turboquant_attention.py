@@ -24,7 +24,8 @@ def turboquant_scaled_dot_product_attention(
     mask: Optional[Any],
 ) -> mx.array:
     """softmax(scale · q Kᵀ + mask) V for queries [B, n_heads, L, D] against the whole
-    context held by `cache` (a TurboQuantKVCache), GQA included."""
+    context held by `cache` (a TurboQuantKVCache or RotatingTurboQuantKVCache), GQA
+    included."""
     dtype = queries.dtype
     q_rot = rotate(queries.astype(mx.float32), cache.key_signs).astype(dtype)
     k_rot, v_rot = cache.rotated_keys_values(dtype)

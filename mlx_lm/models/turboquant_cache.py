@@ -6,6 +6,10 @@ codes and one float16 norm, for keys and values separately: at head_dim 128 and 
 that is 48 + 2 bytes instead of 256 bytes of FP16. There is no FP16 shadow copy: the
 packed codes and norms are the only copy of the context.
 
+Keys are quantized as residuals from a causal running key mean (see `key_mean_segment`):
+keys carry a large per-channel offset that costs quantization levels without carrying
+information, while values compress well as they are.
+
 Attention (see `turboquant_attention.py`) works in the rotated domain, so nothing is
 inverse-rotated per token. `update_and_fetch` still returns ordinary (dequantized) keys
 and values, built lazily: a model that calls `mx.fast.scaled_dot_product_attention`
@@ -16,12 +20,20 @@ from functools import lru_cache
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
-from .cache import _BaseCache, _causal_mask_for
+from .cache import RotatingKVCache, _BaseCache, _causal_mask_for
 from .turboquant import turboquant_dequantize_rotated, turboquant_quantize
 from .turboquant_codebook import lloyd_max_codebook
 from .turboquant_packing import packed_words
 from .turboquant_rotation import inverse_rotate, rotation_signs
+
+# Causal key mean: positions [32·4^(s-1), 32·4^s) form segment s and are quantized as
+# residuals from the mean of every key before 32·4^(s-1); segment 0 (the first 32
+# tokens) has mean 0. A mean per segment costs one float16 vector per head, so at most
+# a few per cache (3 at 2K tokens); from 2^21 tokens on, the last segment's mean is kept.
+KEY_MEAN_FIRST_SEGMENT = 32
+KEY_MEAN_MAX_SEGMENT = 8
 
 SUPPORTED_BITS = tuple(range(1, 9))
 
@@ -51,46 +63,55 @@ def check_turbo_bits(name: str, bits) -> int:
     return bits
 
 
-class TurboQuantKVCache(_BaseCache):
-    """A KV cache compressed with TurboQuant.
+def segment_start(s: int) -> int:
+    """b_s, the first position of key-mean segment s: 0, 32, 128, 512, 2048, ..."""
+    return 0 if s == 0 else KEY_MEAN_FIRST_SEGMENT << (2 * (s - 1))
 
-    Args:
-        key_bits, value_bits: bits per coordinate for keys and values (1-8).
-        seed: seed of the random rotations (with `layer_idx`, fixes the signs).
-        layer_idx: the layer this cache serves; each layer gets its own rotation.
-        key_centering: subtract one per-head, per-channel key mean (taken from the
-            first tokens stored) before quantizing. q·(k - μ) = q·k - q·μ shifts every
-            score of a query by the same amount, so the softmax is unchanged and μ never
-            has to be added back in attention. Off by default: it helps on long prompts
-            (SmolLM2, 2K tokens of prose, 4-bit: +4.9% instead of +7.6% perplexity) but a
-            mean taken from a short first chunk (a chat prompt) hurts: SmolLM2 no longer
-            answers "Paris" at 3 bits. Issue 7 chooses the defaults by measurement.
+
+def key_mean_segment(position: int, max_segment: int = KEY_MEAN_MAX_SEGMENT) -> int:
+    """s(p) = 0 for p < 32, else floor(log4(p / 32)) + 1, at most `max_segment`."""
+    q = position // KEY_MEAN_FIRST_SEGMENT
+    return 0 if q == 0 else min(max_segment, (q.bit_length() - 1) // 2 + 1)
+
+
+def key_mean_segments(start: int, stop: int, max_segment: int = KEY_MEAN_MAX_SEGMENT):
+    """s(p) for positions start..stop-1, as an int32 array."""
+    q = np.arange(start, stop) // KEY_MEAN_FIRST_SEGMENT
+    log2 = np.floor(np.log2(np.maximum(q, 1))).astype(np.int64)
+    s = np.where(q > 0, log2 // 2 + 1, 0)
+    return mx.array(np.minimum(s, max_segment).astype(np.int32))
+
+
+class TurboQuantCodec:
+    """What both TurboQuant caches share: the settings, the rotation and codebooks, and
+    the quantization of new tokens.
+
+    Causal key centering. The keys of position p in segment s = s(p) are stored as
+    TurboQuant codes of k_p - μ_s, where μ_s is the mean of the reconstructed keys of all
+    positions before b_s (μ_0 = 0). In the rotated domain (M_s = Π μ_s):
+
+        M_s = M_{s-1} + (1 / b_s) Σ_{j ∈ [b_{s-1}, b_s)} ŷ_j
+
+    with ŷ_j = n_j c_j the stored residual of token j. Attention adds M_{s(j)} back to
+    ŷ_j, so scores are exact up to quantization error. The means are stored in float16
+    and used as stored on both sides. Every M_s is a function of the
+    stored codes of earlier positions only: chunked and one-shot prefill, trim and
+    re-feed, save and reload all give the same means. Measured on SmolLM2, 2K tokens of
+    prose, 4-bit: perplexity +2.1% instead of +7.2%; a mean taken once from the first
+    chunk (+2.9%) broke short chat prompts, the causal one does not (benchmarks and
+    the README have the measured tables).
     """
 
-    step = 256
-
-    def __init__(
-        self,
-        key_bits: int = 3,
-        value_bits: int = 3,
-        seed: int = 0,
-        layer_idx: int = 0,
-        key_centering: bool = False,
-    ):
+    def _init_codec(self, key_bits, value_bits, seed, layer_idx, key_centering):
         self.key_bits = check_turbo_bits("key_bits", key_bits)
         self.value_bits = check_turbo_bits("value_bits", value_bits)
         self.seed = seed
         self.layer_idx = layer_idx
         self.key_centering = bool(key_centering)
-        self.offset = 0
         self.head_dim = None
-        self.packed_keys = None
-        self.key_norms = None
-        self.packed_values = None
-        self.value_norms = None
-        self.key_mean = None
-
-    # ---- rotation and codebooks (derived from the settings, never stored) ----
+        # M_1, M_2, ... as [B, n_kv_heads, segments - 1, head_dim] float16 in the rotated
+        # domain (M_0 = 0 is not stored); None before position 32.
+        self.key_means = None
 
     def _setup(self, k_head_dim: int, v_head_dim: int):
         if k_head_dim != v_head_dim:
@@ -107,6 +128,134 @@ class TurboQuantKVCache(_BaseCache):
         self.value_signs = rotation_signs(d, self.seed, self.layer_idx, "v")
         self.key_centroids = mx.array(lloyd_max_codebook(self.key_bits, d), dtype=mx.float32)
         self.value_centroids = mx.array(lloyd_max_codebook(self.value_bits, d), dtype=mx.float32)
+
+    def _codec_meta(self):
+        return (self.key_bits, self.value_bits, self.seed, self.layer_idx, self.head_dim or 0)
+
+    def _set_codec_meta(self, key_bits, value_bits, seed, layer_idx, head_dim, centering):
+        key_means = self.key_means  # set by the state setter, which runs first
+        self._init_codec(key_bits, value_bits, seed, layer_idx, centering)
+        self.key_means = key_means
+        self.head_dim = head_dim or None
+        if self.head_dim is not None:
+            self._derive()
+
+    @property
+    def max_segment(self) -> int:
+        return KEY_MEAN_MAX_SEGMENT if self.key_centering else 0
+
+    def _stored_key_residuals(self, start: int, stop: int) -> mx.array:
+        """ŷ of the stored keys of positions start..stop-1 (subclasses: where they are)."""
+        raise NotImplementedError
+
+    def _dequantize_keys(self, packed, norms) -> mx.array:
+        return _dequantizer(self.key_bits, self.head_dim)(packed, norms, self.key_centroids)
+
+    def _add_key_mean(self, s: int, first: int, pieces):
+        """Append M_s (see the class docstring); `pieces` are this update's quantized
+        keys so far as (start, packed, norms), the first at position `first`."""
+        lo, hi = segment_start(s - 1), segment_start(s)
+        parts = [self._stored_key_residuals(lo, first)] if lo < first else []
+        parts += [self._dequantize_keys(pk, kn) for start, pk, kn in pieces if start >= lo]
+        total = mx.sum(mx.concatenate(parts, axis=2), axis=2, keepdims=True)
+        mean = (self._key_mean(s - 1) + total / hi).astype(mx.float16)
+        self.key_means = mean if s == 1 else mx.concatenate([self.key_means, mean], axis=2)
+
+    def _key_mean(self, s: int) -> mx.array:
+        """M_s [B, n_kv_heads, 1, head_dim] float32 (rotated domain)."""
+        if s == 0:
+            return mx.array(0.0)
+        return self.key_means[:, :, s - 1 : s].astype(mx.float32)
+
+    @property
+    def segments_held(self) -> int:
+        return 1 + (0 if self.key_means is None else self.key_means.shape[2])
+
+    def _quantize(self, keys: mx.array, values: mx.array):
+        """Codes of S new tokens at positions offset..offset+S-1: (packed keys, key
+        norms, key-mean segments [S], packed values, value norms), norms float16."""
+        B, n_kv_heads, S, d = keys.shape
+        if self.head_dim is None:
+            self._setup(d, values.shape[-1])
+        first, stop = self.offset, self.offset + S
+        quantize_keys = _quantizer(self.key_bits)
+        pieces, start = [], first
+        while start < stop:
+            s = key_mean_segment(start, self.max_segment)
+            end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
+            if s == self.segments_held:
+                self._add_key_mean(s, first, pieces)
+            x = keys[:, :, start - first : end - first]
+            if s > 0:
+                x = x.astype(mx.float32) - inverse_rotate(self._key_mean(s), self.key_signs)
+            pk, kn = quantize_keys(x, self.key_signs, self.key_centroids)
+            pieces.append((start, pk, kn.astype(mx.float16)))
+            start = end
+        pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
+        return (
+            mx.concatenate([p[1] for p in pieces], axis=2),
+            mx.concatenate([p[2] for p in pieces], axis=2),
+            key_mean_segments(first, stop, self.max_segment),
+            pv,
+            vn.astype(mx.float16),
+        )
+
+    def _rotated(self, packed_keys, key_norms, segments, packed_values, value_norms, dtype):
+        """Πk̂ = ŷ + M_s and Πv̂ for the given buffers (segments: int [T])."""
+        k = self._dequantize_keys(packed_keys, key_norms)
+        if self.key_means is not None:
+            means = mx.concatenate([mx.zeros_like(self.key_means[:, :, :1]), self.key_means], 2)
+            # Preallocated slots past the offset may lie in segments not opened yet.
+            segments = mx.minimum(segments, self.segments_held - 1)
+            k = k + mx.take(means, segments, axis=2).astype(mx.float32)
+        v = _dequantizer(self.value_bits, self.head_dim)(
+            packed_values, value_norms, self.value_centroids
+        )
+        return k.astype(dtype), v.astype(dtype)
+
+    def _fetch(self, dtype):
+        """Lazily dequantized keys and values of the context, in the model's domain (what
+        update_and_fetch returns; never computed when attention goes through our dispatch)."""
+        k_rot, v_rot = self.rotated_keys_values(mx.float32)
+        k = inverse_rotate(k_rot, self.key_signs).astype(dtype)
+        return k, inverse_rotate(v_rot, self.value_signs).astype(dtype)
+
+    def _keep_key_means(self):
+        """After a trim: drop the means of segments that start after the new offset (they
+        are recomputed, identically, when those positions are filled again)."""
+        n = key_mean_segment(self.offset, self.max_segment)
+        if self.key_means is not None:
+            self.key_means = self.key_means[:, :, :n] if n > 0 else None
+
+
+class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
+    """A KV cache compressed with TurboQuant.
+
+    Args:
+        key_bits, value_bits: bits per coordinate for keys and values (1-8).
+        seed: seed of the random rotations (with `layer_idx`, fixes the signs).
+        layer_idx: the layer this cache serves; each layer gets its own rotation.
+        key_centering: quantize keys as residuals from the causal running key mean
+            (`TurboQuantCodec`); on by default.
+    """
+
+    step = 256
+
+    def __init__(
+        self,
+        key_bits: int = 3,
+        value_bits: int = 3,
+        seed: int = 0,
+        layer_idx: int = 0,
+        key_centering: bool = True,
+    ):
+        self._init_codec(key_bits, value_bits, seed, layer_idx, key_centering)
+        self.offset = 0
+        self.packed_keys = None
+        self.key_norms = None
+        self.packed_values = None
+        self.value_norms = None
+        self._segments = None
 
     # ---- storage ----
 
@@ -125,62 +274,47 @@ class TurboQuantKVCache(_BaseCache):
             mx.zeros((*shape, vw), dtype=mx.uint32),
             mx.zeros(shape, dtype=mx.float16),
         ]
-        if self.packed_keys is None:
-            self.packed_keys, self.key_norms, self.packed_values, self.value_norms = new
-            return
-        old = [x[:, :, :prev] for x in self._buffers()]
-        merged = [mx.concatenate([o, n], axis=2) for o, n in zip(old, new)]
-        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = merged
+        if self.packed_keys is not None:
+            old = [x[:, :, :prev] for x in self._buffers()]
+            new = [mx.concatenate([o, n], axis=2) for o, n in zip(old, new)]
+        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = new
 
     def _buffers(self):
         return [self.packed_keys, self.key_norms, self.packed_values, self.value_norms]
 
-    def _stored(self):
-        """The arrays a saved cache needs: the buffers, then the key mean if any."""
-        return self._buffers() + ([self.key_mean] if self.key_mean is not None else [])
+    def _stored_arrays(self):
+        return self._buffers() + ([] if self.key_means is None else [self.key_means])
+
+    def _stored_key_residuals(self, start, stop):
+        return self._dequantize_keys(
+            self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
+        )
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Quantize and store the new tokens; return lazily dequantized keys/values
-        of the whole context (never computed when attention goes through our dispatch)."""
-        B, n_kv_heads, S, k_head_dim = keys.shape
-        if self.head_dim is None:
-            self._setup(k_head_dim, values.shape[-1])
+        of the whole context."""
+        B, n_kv_heads, S, _ = keys.shape
+        pk, kn, _, pv, vn = self._quantize(keys, values)
         self._grow(B, n_kv_heads, S)
-        if self.key_centering:
-            if self.key_mean is None:
-                self.key_mean = mx.mean(keys.astype(mx.float32), axis=2, keepdims=True)
-            keys = keys - self.key_mean.astype(keys.dtype)
-        pk, kn = turboquant_quantize(keys, self.key_signs, self.key_centroids, self.key_bits)
-        pv, vn = turboquant_quantize(
-            values, self.value_signs, self.value_centroids, self.value_bits
-        )
         prev = self.offset
         self.offset += S
         self.packed_keys[:, :, prev : self.offset] = pk
-        self.key_norms[:, :, prev : self.offset] = kn.astype(mx.float16)
+        self.key_norms[:, :, prev : self.offset] = kn
         self.packed_values[:, :, prev : self.offset] = pv
-        self.value_norms[:, :, prev : self.offset] = vn.astype(mx.float16)
-        k_rot, v_rot = self.rotated_keys_values(mx.float32)
-        k = inverse_rotate(k_rot, self.key_signs)
-        if self.key_mean is not None:
-            k = k + self.key_mean
-        return k.astype(keys.dtype), inverse_rotate(v_rot, self.value_signs).astype(values.dtype)
+        self.value_norms[:, :, prev : self.offset] = vn
+        return self._fetch(keys.dtype)
 
     def rotated_keys_values(self, dtype=mx.float32):
-        """Keys and values of the context in the rotated domain: norm x centroid vector
-        (keys still centered: attention does not need the mean back).
+        """Keys and values of the context in the rotated domain (key means added back).
 
         The whole allocated buffer is dequantized and then sliced, so the compiled
         dequantizer sees a new shape only when the buffer grows (every `step` tokens),
         not at every decoded token."""
-        n = self.offset
-        k = _dequantizer(self.key_bits, self.head_dim)(
-            self.packed_keys, self.key_norms, self.key_centroids
-        )
-        v = _dequantizer(self.value_bits, self.head_dim)(
-            self.packed_values, self.value_norms, self.value_centroids
-        )
-        return k[:, :, :n].astype(dtype), v[:, :, :n].astype(dtype)
+        size = self.packed_keys.shape[2]
+        if self._segments is None or self._segments.size != size:
+            self._segments = key_mean_segments(0, size, self.max_segment)
+        k, v = self._rotated(*self._buffers()[:2], self._segments, *self._buffers()[2:], dtype)
+        return k[:, :, : self.offset], v[:, :, : self.offset]
 
     # ---- the cache interface ----
 
@@ -196,6 +330,7 @@ class TurboQuantKVCache(_BaseCache):
     def trim(self, n):
         n = min(self.offset, n)
         self.offset -= n
+        self._keep_key_means()
         return n
 
     def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
@@ -205,65 +340,143 @@ class TurboQuantKVCache(_BaseCache):
     def state(self):
         if self.packed_keys is None:
             return []
-        n = self.offset
-        buffers = self._buffers()
-        if n != self.packed_keys.shape[2]:
-            buffers = [x[:, :, :n] for x in buffers]
-        return tuple(buffers + self._stored()[4:])
+        buffers = [x[:, :, : self.offset] for x in self._buffers()]
+        return tuple(buffers + ([] if self.key_means is None else [self.key_means]))
 
     @state.setter
     def state(self, v):
         if not v:
             self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
-            self.key_mean = None
+            self.key_means = None
             return
         self.packed_keys, self.key_norms, self.packed_values, self.value_norms = v[:4]
-        self.key_mean = v[4] if len(v) > 4 else None
+        self.key_means = v[4] if len(v) > 4 else None
+        self._segments = None
 
     @property
     def meta_state(self):
-        return tuple(
-            map(
-                str,
-                (
-                    self.offset,
-                    self.key_bits,
-                    self.value_bits,
-                    self.seed,
-                    self.layer_idx,
-                    self.head_dim or 0,
-                    int(self.key_centering),
-                ),
-            )
-        )
+        return tuple(map(str, (self.offset, *self._codec_meta(), int(self.key_centering))))
 
     @meta_state.setter
     def meta_state(self, v):
-        offset, key_bits, value_bits, seed, layer_idx, head_dim, centering = map(int, v)
-        self.offset, self.seed, self.layer_idx = offset, seed, layer_idx
-        self.key_centering = bool(centering)
-        self.key_bits = check_turbo_bits("key_bits", key_bits)
-        self.value_bits = check_turbo_bits("value_bits", value_bits)
-        self.head_dim = head_dim or None
-        if self.head_dim is not None:
-            self._derive()
+        offset, *codec = map(int, v)
+        self._set_codec_meta(*codec)
+        self.offset = offset
 
     @property
     def nbytes(self):
-        """Bytes actually held: packed codes and norms (preallocated blocks included)."""
+        """Bytes actually held: packed codes, norms (preallocated blocks included) and
+        the key means."""
         if self.packed_keys is None:
             return 0
-        return sum(x.nbytes for x in self._stored())
+        return sum(x.nbytes for x in self._stored_arrays())
 
     def __deepcopy__(self, memo):
-        new = TurboQuantKVCache(
-            self.key_bits, self.value_bits, self.seed, self.layer_idx, self.key_centering
+        new = TurboQuantKVCache.from_state(tuple(mx.array(x) for x in self.state), self.meta_state)
+        return new
+
+
+class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
+    """A bounded TurboQuant cache: the ring buffer of `RotatingKVCache` (the first `keep`
+    tokens plus the most recent ones, at most `max_size`) holding packed codes, norms
+    and key-mean segment ids instead of FP16 keys and values.
+
+    New key-mean segments are opened only while the ring has not dropped anything
+    (segment starts up to `max_size // 2`), so each mean is computed from tokens that
+    are all still held; later tokens share the last mean.
+    """
+
+    def __init__(
+        self,
+        max_size: Optional[int] = None,
+        keep: int = 0,
+        step: int = 256,
+        key_bits: int = 3,
+        value_bits: int = 3,
+        seed: int = 0,
+        layer_idx: int = 0,
+        key_centering: bool = True,
+    ):
+        RotatingKVCache.__init__(self, max_size, keep, step)
+        self._init_codec(key_bits, value_bits, seed, layer_idx, key_centering)
+
+    @property
+    def max_segment(self) -> int:
+        if not self.key_centering or self.max_size is None:
+            return 0
+        return min(KEY_MEAN_MAX_SEGMENT, key_mean_segment(max(self.max_size // 2, 1)))
+
+    def _stored_key_residuals(self, start, stop):
+        # Only called while nothing has been dropped: ring slot = position.
+        packed, norms = self.keys[0], self.keys[1]
+        return self._dequantize_keys(packed[:, :, start:stop], norms[:, :, start:stop, 0])
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        pk, kn, segments, pv, vn = self._quantize(keys, values)
+        B = keys.shape[0]
+        segments = mx.broadcast_to(
+            segments.astype(mx.uint8)[None, None, :, None], (B, 1, segments.size, 1)
         )
-        new.offset = self.offset
-        new.head_dim = self.head_dim
-        if self.packed_keys is not None:
-            new.state = tuple(mx.array(x) for x in self._stored())
-            new._derive()
+        RotatingKVCache.update_and_fetch(self, (pk, kn[..., None], segments), (pv, vn[..., None]))
+        return self._fetch(keys.dtype)
+
+    def rotated_keys_values(self, dtype=mx.float32):
+        (pk, kn, segments), (pv, vn) = self._filled()
+        return self._rotated(
+            pk, kn[..., 0], segments[0, 0, :, 0].astype(mx.int32), pv, vn[..., 0], dtype
+        )
+
+    def trim(self, n):
+        n = RotatingKVCache.trim(self, n)
+        self._keep_key_means()
+        return n
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        (pk, kn, segments), (pv, vn) = self._filled()
+        return (pk, kn, segments, pv, vn) + (() if self.key_means is None else (self.key_means,))
+
+    @state.setter
+    def state(self, v):
+        if not v:
+            self.keys = self.values = self.key_means = None
+            return
+        pk, kn, segments, pv, vn = v[:5]
+        self.key_means = v[5] if len(v) > 5 else None
+        self.keys, self.values = (pk, kn, segments), (pv, vn)
+
+    @property
+    def meta_state(self):
+        ring = (self.keep, self.max_size, self.step, self.offset, self._idx)
+        return tuple(map(str, (*ring, *self._codec_meta(), int(self.key_centering))))
+
+    @meta_state.setter
+    def meta_state(self, v):
+        keep, max_size, step, offset, idx, *codec = map(int, v)
+        self._set_codec_meta(*codec)
+        self.keep, self.max_size, self.step, self.offset, self._idx = (
+            keep,
+            max_size,
+            step,
+            offset,
+            idx,
+        )
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        means = 0 if self.key_means is None else self.key_means.nbytes
+        return RotatingKVCache.nbytes.fget(self) + means
+
+    def __deepcopy__(self, memo):
+        new = RotatingTurboQuantKVCache.from_state(
+            tuple(mx.array(x) for x in self.state), self.meta_state
+        )
+        new.keys = tuple(mx.array(x) for x in self.keys)
+        new.values = tuple(mx.array(x) for x in self.values)
         return new
 
 
@@ -294,14 +507,14 @@ def to_turbo_quantized_cache(
     turbo_key_bits=None,
     turbo_value_bits=None,
     turbo_seed: int = 0,
-    turbo_key_centering: bool = False,
+    turbo_key_centering: bool = True,
 ):
     """A new cache list with the attention layers' KV caches as TurboQuantKVCache.
 
     Only plain per-head K/V caches are converted (filled ones are compressed as they
     are). SSM/linear-attention state (`ArraysCache`) is kept exactly; the first and last
-    `turbo_fp16_layers` attention layers stay FP16; sliding-window (rotating) caches stay
-    as they are (they are bounded). Anything else - latent (MLA) caches, affine-quantized
+    `turbo_fp16_layers` attention layers stay FP16; sliding-window (rotating) caches
+    become `RotatingTurboQuantKVCache`s with the same window. Anything else - latent (MLA) caches, affine-quantized
     caches, unknown classes - is a ValueError naming the layer, its cache class and the
     model type. Validation happens before anything is converted, and the input list is
     not modified.
@@ -320,7 +533,7 @@ def to_turbo_quantized_cache(
         )
     attention_layers = []
     for i, c in enumerate(cache):
-        if type(c) in (KVCache, RotatingKVCache, TurboQuantKVCache):
+        if type(c) in (KVCache, RotatingKVCache, TurboQuantKVCache, RotatingTurboQuantKVCache):
             attention_layers.append(i)
         elif isinstance(c, ArraysCache):
             continue
@@ -349,27 +562,22 @@ def to_turbo_quantized_cache(
         )
     fp16 = set(attention_layers[:n] + attention_layers[len(attention_layers) - n :])
     new_cache = list(cache)
-    converted = 0
     for i in attention_layers:
         c = cache[i]
-        if i in fp16 or type(c) is RotatingKVCache:
+        if i in fp16:
             continue
-        if isinstance(c, TurboQuantKVCache):
-            if (c.key_bits, c.value_bits) != (key_bits, value_bits):
+        if isinstance(c, TurboQuantCodec):
+            have = (c.key_bits, c.value_bits, c.key_centering)
+            if have != (key_bits, value_bits, bool(turbo_key_centering)):
                 raise ValueError(
                     f"Layer {i} already holds a TurboQuant cache with key/value bits "
-                    f"{c.key_bits}/{c.value_bits}, not the requested {key_bits}/{value_bits}. "
+                    f"{c.key_bits}/{c.value_bits} and key centering "
+                    f"{'on' if c.key_centering else 'off'}, not the requested "
+                    f"{key_bits}/{value_bits} and {'on' if turbo_key_centering else 'off'}. "
                     "Use matching --turbo-* flags or a fresh cache."
                 )
         else:
             new_cache[i] = c.to_turbo_quantized(
                 key_bits, value_bits, turbo_seed, layer_idx=i, key_centering=turbo_key_centering
             )
-        converted += 1
-    if converted == 0:
-        raise ValueError(
-            f"No layer of model type '{model_type}' can be compressed: its attention caches are "
-            "sliding-window/--max-kv-size rotating caches or FP16 layers. Drop --max-kv-size or "
-            "lower --turbo-fp16-layers."
-        )
     return new_cache
