@@ -78,22 +78,30 @@ def main(argv=None):
         fail(str(e))
     tic = time.perf_counter()
 
+    shown = []
+
     def progress(done, total):
         print(f"\rProcessed {done}/{total} tokens", end="", file=sys.stderr, flush=True)
+        shown.append(done)
 
     # The same prefill as generation (chunks, --kv-bits conversion), with no new token.
-    for _ in generate_step(
-        mx.array(tokens),
-        model,
-        max_tokens=0,
-        prompt_cache=cache,
-        prefill_step_size=args.prefill_step_size,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        quantized_kv_start=args.quantized_kv_start,
-        prompt_progress_callback=progress,
-    ):
-        pass
+    try:
+        for _ in generate_step(
+            mx.array(tokens),
+            model,
+            max_tokens=0,
+            prompt_cache=cache,
+            prefill_step_size=args.prefill_step_size,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+            quantized_kv_start=args.quantized_kv_start,
+            prompt_progress_callback=progress,
+        ):
+            pass
+    except ValueError as e:  # e.g. --kv-group-size not dividing the cache's widths
+        if shown:
+            print(file=sys.stderr)
+        fail(str(e))
     print(file=sys.stderr)
     elapsed = time.perf_counter() - tic
     metadata = {

@@ -173,3 +173,22 @@ def save_wordlevel_tokenizer(path, vocab_size):
     PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2"
     ).save_pretrained(path)
+
+
+def save_model_dir(path, model, config):
+    """Save an in-memory model (its own parameter names, which `sanitize` keeps) with
+    `config` and a word-level tokenizer, as a directory that `load` and the command-line
+    tools accept."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    os.makedirs(path, exist_ok=True)
+    mx.save_safetensors(
+        os.path.join(path, "model.safetensors"), dict(tree_flatten(model.parameters()))
+    )
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_wordlevel_tokenizer(path, config["vocab_size"])
+    return path

@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
-from conftest import save_tiny_model_dir
+import test_models_mla
+import test_models_ssm
+from conftest import save_model_dir, save_tiny_model_dir
 
 
-def run(command, *args, stdin=None):
+def run(command, *args, stdin=None, timeout=300):
     """`mlx_lm <command> ...` (the same entry point as the mlx_lm.<command> scripts)."""
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     return subprocess.run(
@@ -17,7 +20,7 @@ def run(command, *args, stdin=None):
         text=True,
         input=stdin,
         env=env,
-        timeout=300,
+        timeout=timeout,
     )
 
 
@@ -205,3 +208,94 @@ def test_chat_keeps_cache_across_turns(tiny_model_dir):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(">> ") == 4
+
+
+# --------------------------------------------------------------------------------------
+# TurboQuant refuses caches it cannot compress - MLA latents, pure SSM state - with one
+# clear line from every entry point.
+
+LATENT = test_models_mla.TINY["kv_lora_rank"]
+REFUSALS = {
+    "deepseek_v3": (
+        "multi-head latent attention",
+        f"latent width {LATENT}",
+        "per-head keys and values",
+        "--kv-bits",
+    ),
+    "glm4_moe_lite": ("multi-head latent attention", f"latent width {LATENT}", "--kv-bits"),
+    "mamba2": ("no attention KV cache",),
+}
+
+
+def save_refused_model(path, name):
+    """A tiny random model directory of an architecture without per-head K/V caches."""
+    if name == "mamba2":
+        config = test_models_ssm.MAMBA2
+        model = test_models_ssm._model(name)
+    else:
+        # max_position_embeddings = factor x original, so YaRN's config is consistent.
+        config = {
+            **test_models_mla.TINY,
+            **test_models_mla.ARCHS[name][1],
+            "max_position_embeddings": 128,
+        }
+        model = test_models_mla._tiny(name, **config)
+    return save_model_dir(str(path), model, config)
+
+
+def assert_refused(result, name):
+    """Exit 2 and exactly one line on stderr: no traceback, no other noise. It names the
+    model type, what is missing and what to do instead."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for needle in (f"'{name}'", *REFUSALS[name], "Run without --turbo-kv-bits"):
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "mamba2"])
+def test_turbo_refusal_through_every_entry_point(name, tmp_path):
+    from mlx_lm.models.cache import make_prompt_cache, save_prompt_cache
+    from mlx_lm.utils import load
+
+    model_dir = save_refused_model(tmp_path / name, name)
+    turbo = ("--turbo-kv-bits", "3")
+    prompt = ("--prompt", "t5 t6 t7")
+
+    assert_refused(run("generate", "--model", model_dir, *prompt, *turbo), name)
+
+    cache_file = str(tmp_path / "prefix.safetensors")
+    r = run(
+        "cache_prompt", "--model", model_dir, *prompt, "--prompt-cache-file", cache_file, *turbo
+    )
+    assert_refused(r, name)
+    assert not os.path.exists(cache_file)
+
+    # The server refuses at start-up (a server that started would hit the timeout).
+    assert_refused(run("server", "--model", model_dir, "--port", "0", *turbo, timeout=120), name)
+
+    # A cache file made without the flag, then generate --turbo-kv-bits on it: the
+    # conversion of a filled cache (to_turbo_quantized_cache) refuses it the same way.
+    model, _ = load(model_dir)
+    cache = make_prompt_cache(model)
+    model(mx.array([[5, 6, 7]]), cache=cache)
+    save_prompt_cache(cache_file, cache, {"model": model_dir})
+    r = run("generate", "--prompt-cache-file", cache_file, "--prompt", " t8", *turbo)
+    assert_refused(r, name)
+
+
+def test_turbo_refusal_glm4_moe_lite_cli(tmp_path):
+    """GLM-4.7-Flash's family takes deepseek_v3's paths; its own model type is named."""
+    model_dir = save_refused_model(tmp_path / "glm", "glm4_moe_lite")
+    r = run(
+        "generate",
+        "--model",
+        model_dir,
+        "--prompt",
+        "t5",
+        "--turbo-key-bits",
+        "4",
+        "--turbo-value-bits",
+        "3",
+    )
+    assert_refused(r, "glm4_moe_lite")

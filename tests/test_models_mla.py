@@ -16,6 +16,7 @@ import pytest
 from conftest import save_wordlevel_tokenizer
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_lm.generate import generate_step
 from mlx_lm.models import deepseek_v3, glm4_moe_lite
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchGLU
@@ -140,6 +141,25 @@ def test_turboquant_refuses_latent_cache(name):
     with pytest.raises(ValueError, match="latent") as err:
         make_prompt_cache(model, turbo_kv_bits=3)
     assert name in str(err.value) and str(TINY["kv_lora_rank"]) in str(err.value)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_kv_bits_alternative_runs_through_generate_step(name):
+    """--kv-bits, the alternative the TurboQuant refusal names, quantizes the latent cache
+    when the group size divides its widths (latent 64, rope part 32 here), and otherwise
+    says which group size to use instead of failing inside mx.quantize."""
+    model = _tiny(name)
+    prompt = mx.random.randint(0, TINY["vocab_size"], (12,)).astype(mx.uint32)
+    cache = make_prompt_cache(model)
+    tokens = [
+        t
+        for t, _ in generate_step(
+            prompt, model, max_tokens=4, prompt_cache=cache, kv_bits=8, kv_group_size=32
+        )
+    ]
+    assert len(tokens) == 4 and all(type(c) is QuantizedKVCache for c in cache)
+    with pytest.raises(ValueError, match="not multiples of --kv-group-size 64.*--kv-group-size 32"):
+        list(generate_step(prompt, model, max_tokens=1, kv_bits=4, kv_group_size=64))
 
 
 def test_absorbed_decode_matches_expanded_attention():
