@@ -79,6 +79,8 @@ CONFIGS = {
     "kv4": {"kv_bits": 4},
     "tq4": {"turbo_kv_bits": 4},
     "tq3": {"turbo_kv_bits": 3},
+    # The pure-MLX TurboQuant attention even where a fused kernel exists.
+    "tq3-ref": {"turbo_kv_bits": 3, "reference": True},
     "tq2": {"turbo_kv_bits": 2},
     "tq3-fp16-1": {"turbo_kv_bits": 3, "turbo_fp16_layers": 1},
 }
@@ -91,6 +93,16 @@ def prompt_tokens(n: int, vocab: int, seed: int = 0) -> mx.array:
 
 def run_once(model, config: dict, context: int, gen: int, prefill_step: int):
     """(prefill tok/s, decode tok/s, KV bytes) for one prompt of `context` tokens."""
+    config = dict(config)
+    if config.pop("reference", False):
+        os.environ["MLX_LM_TURBO_REFERENCE"] = "1"
+    try:
+        return _run_once(model, config, context, gen, prefill_step)
+    finally:
+        os.environ.pop("MLX_LM_TURBO_REFERENCE", None)
+
+
+def _run_once(model, config: dict, context: int, gen: int, prefill_step: int):
     cache_args = {k: v for k, v in config.items() if k in CACHE_KEYS}
     step_args = {k: v for k, v in config.items() if k not in CACHE_KEYS}
     if "kv_bits" in step_args:

@@ -7,13 +7,14 @@ With k_j ≈ n_j Πₖᵀ c_j and v_j ≈ m_j Πᵥᵀ c'_j (c = centroid vector
 
 so the context is read as norm x centroid vectors and never inverse-rotated per token.
 This path runs on every backend and is the reference the fused kernels are tested
-against.
+against; on a GPU, decode steps use the fused kernels instead.
 """
 
 from typing import Any, Optional
 
 import mlx.core as mx
 
+from .turboquant_kernels import fused_backend, fused_decode_attention, supports
 from .turboquant_rotation import inverse_rotate, rotate
 
 
@@ -25,7 +26,11 @@ def turboquant_scaled_dot_product_attention(
 ) -> mx.array:
     """softmax(scale · q Kᵀ + mask) V for queries [B, n_heads, L, D] against the whole
     context held by `cache` (a TurboQuantKVCache or RotatingTurboQuantKVCache), GQA
-    included."""
+    included. Decode-sized query blocks go to the fused kernel where one runs
+    (`turboquant_kernels`); everything else, and every CPU call, to the reference below."""
+    backend = fused_backend()
+    if backend is not None and supports(queries, cache, mask):
+        return fused_decode_attention(queries, cache, scale, mask, backend)
     dtype = queries.dtype
     q_rot = rotate(queries.astype(mx.float32), cache.key_signs).astype(dtype)
     k_rot, v_rot = cache.rotated_keys_values(dtype)

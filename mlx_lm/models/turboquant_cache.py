@@ -204,7 +204,7 @@ class TurboQuantCodec:
         """Πk̂ = ŷ + M_s and Πv̂ for the given buffers (segments: int [T])."""
         k = self._dequantize_keys(packed_keys, key_norms)
         if self.key_means is not None:
-            means = mx.concatenate([mx.zeros_like(self.key_means[:, :, :1]), self.key_means], 2)
+            means = self.key_means_with_zero()
             # Preallocated slots past the offset may lie in segments not opened yet.
             segments = mx.minimum(segments, self.segments_held - 1)
             k = k + mx.take(means, segments, axis=2).astype(mx.float32)
@@ -219,6 +219,12 @@ class TurboQuantCodec:
         k_rot, v_rot = self.rotated_keys_values(mx.float32)
         k = inverse_rotate(k_rot, self.key_signs).astype(dtype)
         return k, inverse_rotate(v_rot, self.value_signs).astype(dtype)
+
+    def key_means_with_zero(self) -> Optional[mx.array]:
+        """[M_0 = 0, M_1, ...] as [B, n_kv_heads, segments, head_dim], or None."""
+        if self.key_means is None:
+            return None
+        return mx.concatenate([mx.zeros_like(self.key_means[:, :, :1]), self.key_means], 2)
 
     def _keep_key_means(self):
         """After a trim: drop the means of segments that start after the new offset (they
@@ -310,11 +316,28 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         The whole allocated buffer is dequantized and then sliced, so the compiled
         dequantizer sees a new shape only when the buffer grows (every `step` tokens),
         not at every decoded token."""
+        pk, kn, pv, vn = self._buffers()
+        k, v = self._rotated(pk, kn, self._segment_ids(), pv, vn, dtype)
+        return k[:, :, : self.offset], v[:, :, : self.offset]
+
+    def _segment_ids(self) -> mx.array:
+        """Key-mean segment of every slot of the allocated buffer (slot = position)."""
         size = self.packed_keys.shape[2]
         if self._segments is None or self._segments.size != size:
             self._segments = key_mean_segments(0, size, self.max_segment)
-        k, v = self._rotated(*self._buffers()[:2], self._segments, *self._buffers()[2:], dtype)
-        return k[:, :, : self.offset], v[:, :, : self.offset]
+        return self._segments
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.packed_keys.shape[1]
+
+    def is_ring(self) -> bool:
+        return False
+
+    def kernel_buffers(self):
+        """What the fused kernels read: the whole allocated buffers (no copies), the
+        segment id of every slot and the number of slots filled."""
+        return (*self._buffers(), self._segment_ids(), self.offset)
 
     # ---- the cache interface ----
 
@@ -419,6 +442,19 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
         )
         RotatingKVCache.update_and_fetch(self, (pk, kn[..., None], segments), (pv, vn[..., None]))
         return self._fetch(keys.dtype)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.keys[0].shape[1]
+
+    def is_ring(self) -> bool:
+        return True
+
+    def kernel_buffers(self):
+        """The ring's buffers (slot order does not matter to attention), the segment id
+        of every slot (batch 0: all sequences share positions) and the slots filled."""
+        (pk, kn, segments), (pv, vn) = self.keys, self.values
+        return pk, kn, pv, vn, segments, min(self.offset, pk.shape[2])
 
     def rotated_keys_values(self, dtype=mx.float32):
         (pk, kn, segments), (pv, vn) = self._filled()
