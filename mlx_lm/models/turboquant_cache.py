@@ -25,6 +25,7 @@ import numpy as np
 from .cache import RotatingKVCache, _BaseCache, _causal_mask_for
 from .turboquant import turboquant_dequantize_rotated, turboquant_quantize
 from .turboquant_codebook import lloyd_max_codebook
+from .turboquant_kernels import fused_backend, fused_quantize, quantize_supported
 from .turboquant_packing import packed_words
 from .turboquant_rotation import inverse_rotate, rotation_signs
 
@@ -113,6 +114,20 @@ class TurboQuantCodec:
         # domain (M_0 = 0 is not stored); None before position 32.
         self.key_means = None
 
+    @property
+    def key_means(self) -> Optional[mx.array]:
+        return self._key_means
+
+    @key_means.setter
+    def key_means(self, means: Optional[mx.array]):
+        self._key_means = means
+        self._derived_means = {}  # per-step values derived from the means, reused
+
+    def _derived(self, name, make):
+        if name not in self._derived_means:
+            self._derived_means[name] = make()
+        return self._derived_means[name]
+
     def _setup(self, k_head_dim: int, v_head_dim: int):
         if k_head_dim != v_head_dim:
             raise ValueError(
@@ -173,32 +188,38 @@ class TurboQuantCodec:
 
     def _quantize(self, keys: mx.array, values: mx.array):
         """Codes of S new tokens at positions offset..offset+S-1: (packed keys, key
-        norms, key-mean segments [S], packed values, value norms), norms float16."""
+        norms, packed values, value norms), norms float16."""
         B, n_kv_heads, S, d = keys.shape
         if self.head_dim is None:
             self._setup(d, values.shape[-1])
         first, stop = self.offset, self.offset + S
-        quantize_keys = _quantizer(self.key_bits)
+        backend = fused_backend() if quantize_supported(d) else None
+
+        def quantize(x, mean, signs, centroids, bits):
+            if backend is not None:  # one launch instead of a chain of small kernels
+                return fused_quantize(x, mean, signs, centroids, bits, backend)
+            if mean is not None:
+                x = x.astype(mx.float32) - mean
+            return _quantizer(bits)(x, signs, centroids)
+
         pieces, start = [], first
         while start < stop:
             s = key_mean_segment(start, self.max_segment)
             end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
             if s == self.segments_held:
                 self._add_key_mean(s, first, pieces)
+            mean = self._original_key_mean(s) if s > 0 else None
             x = keys[:, :, start - first : end - first]
-            if s > 0:
-                x = x.astype(mx.float32) - inverse_rotate(self._key_mean(s), self.key_signs)
-            pk, kn = quantize_keys(x, self.key_signs, self.key_centroids)
+            pk, kn = quantize(x, mean, self.key_signs, self.key_centroids, self.key_bits)
             pieces.append((start, pk, kn.astype(mx.float16)))
             start = end
-        pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
-        return (
-            mx.concatenate([p[1] for p in pieces], axis=2),
-            mx.concatenate([p[2] for p in pieces], axis=2),
-            key_mean_segments(first, stop, self.max_segment),
-            pv,
-            vn.astype(mx.float16),
-        )
+        pv, vn = quantize(values, None, self.value_signs, self.value_centroids, self.value_bits)
+        if len(pieces) > 1:
+            pk = mx.concatenate([p[1] for p in pieces], axis=2)
+            kn = mx.concatenate([p[2] for p in pieces], axis=2)
+        else:
+            pk, kn = pieces[0][1:]
+        return pk, kn, pv, vn.astype(mx.float16)
 
     def _rotated(self, packed_keys, key_norms, segments, packed_values, value_norms, dtype):
         """Πk̂ = ŷ + M_s and Πv̂ for the given buffers (segments: int [T])."""
@@ -224,7 +245,14 @@ class TurboQuantCodec:
         """[M_0 = 0, M_1, ...] as [B, n_kv_heads, segments, head_dim], or None."""
         if self.key_means is None:
             return None
-        return mx.concatenate([mx.zeros_like(self.key_means[:, :, :1]), self.key_means], 2)
+        means = self.key_means
+        return self._derived(
+            "with_zero", lambda: mx.concatenate([mx.zeros_like(means[:, :, :1]), means], 2)
+        )
+
+    def _original_key_mean(self, s: int) -> mx.array:
+        """μ_s = Πᵀ M_s [B, n_kv_heads, 1, head_dim] float32, what new keys are centered by."""
+        return self._derived(s, lambda: inverse_rotate(self._key_mean(s), self.key_signs))
 
     def _keep_key_means(self):
         """After a trim: drop the means of segments that start after the new offset (they
@@ -300,7 +328,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         """Quantize and store the new tokens; return lazily dequantized keys/values
         of the whole context."""
         B, n_kv_heads, S, _ = keys.shape
-        pk, kn, _, pv, vn = self._quantize(keys, values)
+        pk, kn, pv, vn = self._quantize(keys, values)
         self._grow(B, n_kv_heads, S)
         prev = self.offset
         self.offset += S
@@ -435,7 +463,9 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
         return self._dequantize_keys(packed[:, :, start:stop], norms[:, :, start:stop, 0])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        pk, kn, segments, pv, vn = self._quantize(keys, values)
+        first = self.offset
+        pk, kn, pv, vn = self._quantize(keys, values)
+        segments = key_mean_segments(first, first + keys.shape[2], self.max_segment)
         B = keys.shape[0]
         segments = mx.broadcast_to(
             segments.astype(mx.uint8)[None, None, :, None], (B, 1, segments.size, 1)

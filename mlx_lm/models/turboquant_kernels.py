@@ -225,6 +225,75 @@ MERGE_BODY = """
   out[idx] = num / den;
 """
 
+# Quantize: one thread group of D threads per vector (norm, rotation, nearest centroid,
+# norm correction, pack). Template: D (a power of two), BITS, W packed words, HAS_MEAN,
+# PER_MEAN (vectors sharing one mean). Inputs: x [N, D], mean [N / PER_MEAN, D] f32,
+# signs [D] f32, codebook [2^BITS] f32. Outputs: packed [N, W] u32, norms [N] f32.
+QUANTIZE_BODY = """
+  const int n = tq_group;
+  const int d = tq_tid;
+  TQ_SHARED float h[D];
+  TQ_SHARED float red[D];
+  TQ_SHARED uint32_t codes[D];
+  float v = static_cast<float>(x[(size_t)n * D + d]);
+  if (HAS_MEAN) {
+    v -= mean[(size_t)(n / PER_MEAN) * D + d];
+  }
+  // ||x||: tree reduction.
+  red[d] = v * v;
+  TQ_SYNC();
+  for (int stride = D / 2; stride > 0; stride >>= 1) {
+    if (d < stride) {
+      red[d] += red[d + stride];
+    }
+    TQ_SYNC();
+  }
+  const float norm = sqrt(red[0]);
+  TQ_SYNC();
+  // y = H D x / ||x|| / sqrt(D): random signs, then a Walsh-Hadamard butterfly.
+  h[d] = v / max(norm, 1e-30f) * signs[d];
+  TQ_SYNC();
+  for (int len = 1; len < D; len <<= 1) {
+    if ((d & len) == 0) {
+      const float a = h[d];
+      const float b = h[d + len];
+      h[d] = a + b;
+      h[d + len] = a - b;
+    }
+    TQ_SYNC();
+  }
+  const float y = h[d] * (1.0f / sqrt((float)D));
+  // Nearest centroid: the number of midpoints below y (ties to the lower one).
+  uint32_t code = 0;
+  for (int i = 0; i + 1 < (1 << BITS); i++) {
+    code += (0.5f * (codebook[i] + codebook[i + 1]) < y) ? 1u : 0u;
+  }
+  codes[d] = code;
+  const float c = codebook[code];
+  red[d] = c * c;
+  TQ_SYNC();
+  for (int stride = D / 2; stride > 0; stride >>= 1) {
+    if (d < stride) {
+      red[d] += red[d + stride];
+    }
+    TQ_SYNC();
+  }
+  // Pack: thread w assembles word w from the codes whose bits fall in it.
+  if (d < W) {
+    uint32_t word = 0;
+    const int first = (32 * d) / BITS;
+    const int last = min(D - 1, (32 * d + 31) / BITS);
+    for (int j = first; j <= last; j++) {
+      const int shift = j * BITS - 32 * d;
+      word |= shift >= 0 ? codes[j] << shift : codes[j] >> (-shift);
+    }
+    packed[(size_t)n * W + d] = word;
+  }
+  if (d == 0) {
+    norms[n] = norm / max(sqrt(red[0]), 1e-30f);
+  }
+"""
+
 PARTIAL_INPUTS = [
     "q",
     "qm",
@@ -242,11 +311,15 @@ PARTIAL_OUTPUTS = ["partial_out", "partial_max", "partial_sum"]
 MERGE_INPUTS = ["partial_out", "partial_max", "partial_sum"]
 
 
+QUANTIZE_INPUTS = ["x", "mean", "signs", "codebook"]
+QUANTIZE_OUTPUTS = ["packed", "norms"]
+
+
 def kernel_sources(backend: str):
-    """(header, partial body, merge body) for "cuda" or "metal": the shared logic with
-    that backend's prelude and thread ids."""
+    """(header, partial body, merge body, quantize body) for "cuda" or "metal": the
+    shared logic with that backend's prelude and thread ids."""
     prelude, ids = {"cuda": (CUDA_PRELUDE, CUDA_IDS), "metal": (METAL_PRELUDE, METAL_IDS)}[backend]
-    return prelude + HEADER, ids + PARTIAL_BODY, ids + MERGE_BODY
+    return prelude + HEADER, ids + PARTIAL_BODY, ids + MERGE_BODY, ids + QUANTIZE_BODY
 
 
 def cuda_available() -> bool:
@@ -273,7 +346,7 @@ def fused_backend() -> Optional[str]:
 
 @lru_cache(maxsize=None)
 def _kernels(backend: str):
-    header, partial, merge = kernel_sources(backend)
+    header, partial, merge, quantize = kernel_sources(backend)
     make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
     return (
         make(
@@ -290,7 +363,47 @@ def _kernels(backend: str):
             source=merge,
             header=header,
         ),
+        make(
+            name="turboquant_quantize",
+            input_names=QUANTIZE_INPUTS,
+            output_names=QUANTIZE_OUTPUTS,
+            source=quantize,
+            header=header,
+        ),
     )
+
+
+def quantize_supported(head_dim: int) -> bool:
+    return head_dim in (32, 64, 128, 256)
+
+
+def fused_quantize(x: mx.array, mean: Optional[mx.array], signs, codebook, bits: int, backend):
+    """turboquant_quantize of x [B, H, S, D] (minus `mean` [B, H, 1, D] if given) in one
+    launch: (packed uint32 [B, H, S, W], norms float32 [B, H, S])."""
+    B, H, S, D = x.shape
+    words = (D * bits + 31) // 32
+    n = B * H * S
+    quantize = _kernels(backend)[2]
+    packed, norms = quantize(
+        inputs=[
+            x.reshape(n, D),
+            mx.zeros((1,), mx.float32) if mean is None else mean.astype(mx.float32),
+            signs,
+            codebook,
+        ],
+        template=[
+            ("D", D),
+            ("BITS", bits),
+            ("W", words),
+            ("HAS_MEAN", int(mean is not None)),
+            ("PER_MEAN", S),
+        ],
+        grid=(n * D, 1, 1),
+        threadgroup=(D, 1, 1),
+        output_shapes=[(n, words), (n,)],
+        output_dtypes=[mx.uint32, mx.float32],
+    )
+    return packed.reshape(B, H, S, words), norms.reshape(B, H, S)
 
 
 def threads_per_group(head_dim: int) -> int:
@@ -334,7 +447,7 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     per_split = math.ceil(tokens / splits)
     nt = threads_per_group(D)
     params = mx.array([tokens, per_split, cap], dtype=mx.int32)
-    partial, merge = _kernels(backend)
+    partial, merge, _ = _kernels(backend)
     template = [
         ("D", D),
         ("R", rows),
