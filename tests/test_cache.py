@@ -218,3 +218,17 @@ def test_load_prompt_cache_unknown_class(tmp_path):
     mx.save_safetensors(path, arrays, meta)
     with pytest.raises(ValueError, match="NoSuchCache"):
         load_prompt_cache(path)
+
+
+def test_affine_attention_dequantize_fallback_matches_quantized_matmul():
+    """The CUDA fallback (dequantize, then fused SDPA) equals the quantized_matmul path."""
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+    mx.random.seed(0)
+    k, v = mx.random.normal((1, 2, 40, 64)), mx.random.normal((1, 2, 40, 64))
+    q = mx.random.normal((1, 4, 3, 64))
+    qk, qv = mx.quantize(k, group_size=64, bits=4), mx.quantize(v, group_size=64, bits=4)
+    for mask in (None, "causal"):
+        a = quantized_scaled_dot_product_attention(q, qk, qv, 0.125, mask, 64, 4, dequantize=False)
+        b = quantized_scaled_dot_product_attention(q, qk, qv, 0.125, mask, 64, 4, dequantize=True)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)

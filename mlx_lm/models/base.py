@@ -9,6 +9,7 @@ import mlx.core as mx
 from .cache import QuantizedKVCache
 from .turboquant_attention import turboquant_scaled_dot_product_attention
 from .turboquant_cache import TurboQuantCodec
+from .turboquant_kernels import cuda_available
 
 
 @dataclass
@@ -61,6 +62,11 @@ def create_attention_mask(
     return "causal"
 
 
+def _no_quantized_matmul() -> bool:
+    """True on MLX's CUDA backend, whose quantized_matmul lacks the attention shapes."""
+    return mx.default_device() == mx.gpu and cuda_available()
+
+
 def quantized_scaled_dot_product_attention(
     queries: mx.array,
     q_keys: tuple,
@@ -69,17 +75,34 @@ def quantized_scaled_dot_product_attention(
     mask: Optional[mx.array],
     group_size: int = 64,
     bits: int = 8,
+    dequantize: Optional[bool] = None,
 ) -> mx.array:
     """Attention over an affine-quantized cache (upstream's `kv_bits` path).
 
     Keys and values are (packed, scales, biases) triples; `mx.quantized_matmul` scores
     and aggregates without dequantizing. Query heads are grouped over KV heads (GQA).
+    Where `quantized_matmul` has no kernel (the CUDA backend; `dequantize=None` picks by
+    device), the cache is dequantized layer by layer instead.
     """
+    if dequantize is None:
+        dequantize = _no_quantized_matmul()
+    if dequantize:
+        # MLX's CUDA backend has no quantized_matmul for these shapes: dequantize into a
+        # transient buffer (freed after this layer) and use the fused SDPA instead.
+        keys = mx.dequantize(*q_keys, group_size=group_size, bits=bits)
+        values = mx.dequantize(*q_values, group_size=group_size, bits=bits)
+        return mx.fast.scaled_dot_product_attention(
+            queries,
+            keys.astype(queries.dtype),
+            values.astype(queries.dtype),
+            scale=scale,
+            mask=mask,
+        )
     B, n_q_heads, L, D = queries.shape
     n_kv_heads = q_keys[0].shape[-3]
     n_repeats = n_q_heads // n_kv_heads
 
-    queries *= scale
+    queries = queries * scale  # not *=: that would scale the caller's array in place
     if n_repeats > 1:
         queries = mx.reshape(queries, (B, n_kv_heads, n_repeats, L, D))
         q_keys = tuple(mx.expand_dims(x, axis=-3) for x in q_keys)

@@ -1,0 +1,151 @@
+"""KV-cache speed and memory per cache config, context length and batch size.
+
+For each (batch, context, config): prefill tok/s, decode tok/s, KV bytes and MLX peak
+memory, measured in this one process (configs interleaved per round, medians over
+rounds; peak memory reset before every run). Decoding is greedy over `batch` sequences
+at once, straight through the model and the cache, so what is measured is the cache.
+
+    python benchmarks/kv_bench.py --model random:qwen2.5-7b --contexts 1024 4096 16384 \\
+        32768 131072 --batches 1 8 --configs fp16 kv8 kv4 tq4 tq3 tq2 --output out/kv
+
+writes out/kv.md (table) and out/kv.png (decode tok/s and KV bytes against context).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_bench import CACHE_KEYS, CONFIGS, RANDOM_MODELS, load_bench_model  # noqa: E402
+
+from mlx_lm.generate import maybe_quantize_kv_cache  # noqa: E402
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+
+def run(model, config: dict, batch: int, context: int, gen: int, prefill_step: int) -> dict:
+    """One prefill of `batch` x `context` random tokens, then `gen` greedy steps."""
+    config = dict(config)
+    reference = config.pop("reference", False)
+    if reference:
+        os.environ["MLX_LM_TURBO_REFERENCE"] = "1"
+    try:
+        cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+        kv_bits = config.get("kv_bits")
+        vocab = model.args.vocab_size
+        rng = np.random.default_rng(context + batch)
+        tokens = mx.array(rng.integers(100, vocab - 100, (batch, context)), dtype=mx.uint32)
+        mx.synchronize()
+        mx.reset_peak_memory()
+        tic = time.perf_counter()
+        for start in range(0, context, prefill_step):
+            logits = model(tokens[:, start : start + prefill_step], cache=cache)
+            maybe_quantize_kv_cache(cache, 0, 64, kv_bits)
+            mx.eval(logits, [c.state for c in cache])
+        y = mx.argmax(logits[:, -1], axis=-1)
+        mx.eval(y)
+        prefill_s = time.perf_counter() - tic
+        tic = time.perf_counter()
+        for _ in range(gen):
+            y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+            mx.async_eval(y)
+        mx.eval(y)
+        decode_s = time.perf_counter() - tic
+        return dict(
+            prefill=batch * context / prefill_s,
+            decode=batch * gen / decode_s,
+            kv=sum(c.nbytes for c in cache),
+            peak=mx.get_peak_memory(),
+        )
+    finally:
+        os.environ.pop("MLX_LM_TURBO_REFERENCE", None)
+
+
+def plot(rows, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(2, len(batches), figsize=(6 * len(batches), 8), squeeze=False)
+    for col, batch in enumerate(batches):
+        for config in dict.fromkeys(r["config"] for r in rows):
+            sel = [r for r in rows if r["batch"] == batch and r["config"] == config]
+            x = [r["context"] for r in sel]
+            axes[0][col].plot(x, [r["decode"] for r in sel], marker="o", label=config)
+            axes[1][col].plot(x, [r["kv"] / 2**20 for r in sel], marker="o", label=config)
+        for row, label in enumerate(["decode tok/s (all sequences)", "KV MiB"]):
+            ax = axes[row][col]
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context")
+            ax.set_ylabel(label)
+            ax.set_title(f"batch {batch}")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"a model path, or random:<shape> with shape in {sorted(RANDOM_MODELS)}",
+    )
+    parser.add_argument("--dequantize", action="store_true", help="float32 weights (CPU)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
+    parser.add_argument("--gen", type=int, default=32, help="decode steps per run")
+    parser.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument("--output", help="write OUTPUT.md (table) and OUTPUT.png (plot)")
+    args = parser.parse_args()
+
+    model = load_bench_model(args.model, args.dequantize)
+    mx.eval(model.parameters())
+    rows = []
+    for batch in args.batches:
+        for context in args.contexts:
+            runs = {name: [] for name in args.configs}
+            for _ in range(args.rounds):
+                for name in args.configs:
+                    runs[name].append(
+                        run(model, CONFIGS[name], batch, context, args.gen, args.prefill_step_size)
+                    )
+            for name in args.configs:
+                figures = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
+                rows.append(dict(batch=batch, context=context, config=name, **figures))
+                print(rows[-1], file=sys.stderr, flush=True)
+
+    fp16 = {(r["batch"], r["context"]): r["decode"] for r in rows if r["config"] == "fp16"}
+    lines = [
+        f"Model: `{args.model}`; device: {mx.default_device()}; {args.gen} decode steps; "
+        f"median of {args.rounds} interleaved rounds.",
+        "",
+        "| batch | context | config | prefill tok/s | decode tok/s | vs fp16 | KV MiB | MLX peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ref = fp16.get((r["batch"], r["context"]))
+        ratio = f"{r['decode'] / ref:.2f}x" if ref else "-"
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['config']} | {r['prefill']:.0f} | "
+            f"{r['decode']:.1f} | {ratio} | {r['kv'] / 2**20:.1f} | {r['peak'] / 2**20:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output + ".md", "w") as f:
+            f.write(table + "\n")
+        plot(rows, args.output + ".png")
+
+
+if __name__ == "__main__":
+    main()
