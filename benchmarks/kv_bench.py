@@ -2,7 +2,9 @@
 
 For each (batch, context, config): prefill tok/s, decode tok/s, KV bytes and MLX peak
 memory, measured in this one process (configs interleaved per round, medians over
-rounds; peak memory reset before every run). Decoding is greedy over `batch` sequences
+rounds, after an untimed warm-up; peak memory reset before every run). On the GPU use
+`--rounds 3` or more: a new context length can still trigger a kernel compile in the
+first round. Decoding is greedy over `batch` sequences
 at once, straight through the model and the cache, so what is measured is the cache.
 
     python benchmarks/kv_bench.py --model random:qwen2.5-7b --contexts 1024 4096 16384 \\
@@ -110,6 +112,10 @@ def main():
     model = load_bench_model(args.model, args.dequantize)
     mx.eval(model.parameters())
     rows = []
+    # Warm-up, untimed: the first run of each config JIT-compiles its kernels (on the
+    # CUDA backend, per shape), which would otherwise land in the first round's figures.
+    for name in args.configs:
+        run(model, CONFIGS[name], 1, min(args.contexts), 2, args.prefill_step_size)
     for batch in args.batches:
         for context in args.contexts:
             runs = {name: [] for name in args.configs}
