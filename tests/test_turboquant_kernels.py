@@ -5,7 +5,6 @@ the dispatch is checked to fall back to the reference. On the GPU machine run
 `python tests/test_turboquant_kernels.py` (no pytest needed) or pytest.
 """
 
-import itertools
 import os
 import sys
 

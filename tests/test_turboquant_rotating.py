@@ -147,3 +147,8 @@ def test_long_generation_memory_stays_flat():
             active[i] = mx.get_active_memory()
     assert nbytes[1024] == nbytes[2048] == nbytes[3072]
     assert active[3072] <= active[1024] * 1.05 + (1 << 20), active
+
+
+def test_deepcopy_of_an_empty_ring():
+    clone = copy.deepcopy(RotatingTurboQuantKVCache(8, 2))
+    assert clone.keys is None and (clone.max_size, clone.keep, clone.offset) == (8, 2, 0)
