@@ -306,3 +306,13 @@ def test_rotating_layers_become_rotating_turbo_caches():
     cache = make_prompt_cache(mixed, turbo_kv_bits=3)
     assert [type(c).__name__ for c in cache] == ["RotatingTurboQuantKVCache", "TurboQuantKVCache"]
     assert cache[0].max_size == 8
+
+
+def test_reconverting_with_other_settings_is_an_error():
+    model = make_tiny_model("llama")
+    cache = make_prompt_cache(model, turbo_kv_bits=3)
+    assert to_turbo_quantized_cache(cache, model, turbo_kv_bits=3) == cache
+    with pytest.raises(ValueError, match="key/value bits 3/3 and key centering on.*4/4"):
+        to_turbo_quantized_cache(cache, model, turbo_kv_bits=4)
+    with pytest.raises(ValueError, match="key centering on, not the requested 3/3 and off"):
+        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_centering=False)
