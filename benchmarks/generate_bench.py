@@ -82,6 +82,8 @@ CONFIGS = {
     # The pure-MLX TurboQuant attention even where a fused kernel exists.
     "tq3-ref": {"turbo_kv_bits": 3, "reference": True},
     "tq2": {"turbo_kv_bits": 2},
+    "tq-k3v4": {"turbo_key_bits": 3, "turbo_value_bits": 4},
+    "tq-k2v3": {"turbo_key_bits": 2, "turbo_value_bits": 3},
     "tq3-fp16-1": {"turbo_kv_bits": 3, "turbo_fp16_layers": 1},
 }
 CACHE_KEYS = ("turbo_kv_bits", "turbo_fp16_layers", "turbo_key_bits", "turbo_value_bits")

@@ -29,8 +29,35 @@ from mlx_lm.generate import maybe_quantize_kv_cache  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 
-def run(model, config: dict, batch: int, context: int, gen: int, prefill_step: int) -> dict:
-    """One prefill of `batch` x `context` random tokens, then `gen` greedy steps."""
+def synthetic_fill(model, cache, batch: int, context: int, kv_bits, chunk: int = 4096):
+    """Fill every layer's cache with `context` random keys/values (float16, the model's
+    KV shapes) straight through `update_and_fetch`, without running the model: decode
+    cost does not depend on what the cache holds, and a 128K or 8 x 32K prefill of a 7B
+    model would take most of a GPU session's time."""
+    a = model.args
+    n_kv = a.num_key_value_heads
+    head_dim = getattr(a, "head_dim", None) or a.hidden_size // a.num_attention_heads
+    for start in range(0, context, chunk):
+        n = min(chunk, context - start)
+        for c in cache:
+            k = mx.random.normal((batch, n_kv, n, head_dim)).astype(mx.float16)
+            v = mx.random.normal((batch, n_kv, n, head_dim)).astype(mx.float16)
+            c.update_and_fetch(k, v)
+        maybe_quantize_kv_cache(cache, 0, 64, kv_bits)
+        mx.eval([c.state for c in cache])
+
+
+def run(
+    model,
+    config: dict,
+    batch: int,
+    context: int,
+    gen: int,
+    prefill_step: int,
+    synthetic: bool = False,
+) -> dict:
+    """One prefill of `batch` x `context` random tokens (or a synthetic fill: prefill
+    reported as nan), then `gen` greedy steps."""
     config = dict(config)
     reference = config.pop("reference", False)
     if reference:
@@ -44,13 +71,17 @@ def run(model, config: dict, batch: int, context: int, gen: int, prefill_step: i
         mx.synchronize()
         mx.reset_peak_memory()
         tic = time.perf_counter()
-        for start in range(0, context, prefill_step):
-            logits = model(tokens[:, start : start + prefill_step], cache=cache)
-            maybe_quantize_kv_cache(cache, 0, 64, kv_bits)
-            mx.eval(logits, [c.state for c in cache])
+        if synthetic:
+            synthetic_fill(model, cache, batch, context, kv_bits)
+            logits = model(tokens[:, -1:], cache=cache)
+        else:
+            for start in range(0, context, prefill_step):
+                logits = model(tokens[:, start : start + prefill_step], cache=cache)
+                maybe_quantize_kv_cache(cache, 0, 64, kv_bits)
+                mx.eval(logits, [c.state for c in cache])
         y = mx.argmax(logits[:, -1], axis=-1)
         mx.eval(y)
-        prefill_s = time.perf_counter() - tic
+        prefill_s = float("nan") if synthetic else time.perf_counter() - tic
         tic = time.perf_counter()
         for _ in range(gen):
             y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
@@ -106,6 +137,13 @@ def main():
     parser.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefill-step-size", type=int, default=2048)
+    parser.add_argument(
+        "--synthetic-from",
+        type=int,
+        default=None,
+        help="fill caches of at least this many tokens (x batch) with random keys/values "
+        "instead of a prefill (decode figures only; prefill shown as nan)",
+    )
     parser.add_argument("--output", help="write OUTPUT.md (table) and OUTPUT.png (plot)")
     args = parser.parse_args()
 
@@ -119,30 +157,50 @@ def main():
     for batch in args.batches:
         for context in args.contexts:
             runs = {name: [] for name in args.configs}
+            synthetic = args.synthetic_from is not None and batch * context >= args.synthetic_from
             for _ in range(args.rounds):
                 for name in args.configs:
                     runs[name].append(
-                        run(model, CONFIGS[name], batch, context, args.gen, args.prefill_step_size)
+                        run(
+                            model,
+                            CONFIGS[name],
+                            batch,
+                            context,
+                            args.gen,
+                            args.prefill_step_size,
+                            synthetic,
+                        )
                     )
             for name in args.configs:
                 figures = {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]}
                 rows.append(dict(batch=batch, context=context, config=name, **figures))
                 print(rows[-1], file=sys.stderr, flush=True)
 
-    fp16 = {(r["batch"], r["context"]): r["decode"] for r in rows if r["config"] == "fp16"}
+    fp16 = {(r["batch"], r["context"]): r for r in rows if r["config"] == "fp16"}
     lines = [
         f"Model: `{args.model}`; device: {mx.default_device()}; {args.gen} decode steps; "
-        f"median of {args.rounds} interleaved rounds.",
+        f"median of {args.rounds} interleaved rounds."
+        + (
+            f" Caches of {args.synthetic_from} tokens (x batch) or more were filled with "
+            "random keys/values (no prefill: prefill nan)."
+            if args.synthetic_from
+            else ""
+        ),
         "",
-        "| batch | context | config | prefill tok/s | decode tok/s | vs fp16 | KV MiB | MLX peak MiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | context | config | prefill tok/s | prefill vs fp16 | decode tok/s | "
+        "decode vs fp16 | KV MiB | MLX peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = fp16.get((r["batch"], r["context"]))
-        ratio = f"{r['decode'] / ref:.2f}x" if ref else "-"
+
+        def ratio(key):
+            return f"{r[key] / ref[key]:.2f}x" if ref and ref[key] == ref[key] else "-"
+
         lines.append(
             f"| {r['batch']} | {r['context']} | {r['config']} | {r['prefill']:.0f} | "
-            f"{r['decode']:.1f} | {ratio} | {r['kv'] / 2**20:.1f} | {r['peak'] / 2**20:.0f} |"
+            f"{ratio('prefill')} | {r['decode']:.1f} | {ratio('decode')} | "
+            f"{r['kv'] / 2**20:.1f} | {r['peak'] / 2**20:.0f} |"
         )
     table = "\n".join(lines)
     print(table)

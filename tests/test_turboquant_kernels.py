@@ -60,6 +60,8 @@ CASES = [
     (2, 8, 8, 3, 1200, 64, 3, True, None, 1),
     (1, 9, 3, 1, 900, 64, 3, True, 512, 900),  # wrapped ring, one token at a time
     (1, 8, 4, 1, 2500, 128, 4, True, 1024, 5),  # ring filled by chunks
+    (1, 8, 2, 1, 500, 96, 3, True, None, 1),  # not a power of two: rotated on the host
+    (4, 28, 4, 1, 4100, 128, 3, True, None, 2),  # batch 4, many splits
 ]
 
 
@@ -79,6 +81,8 @@ QUANTIZE_CASES = [(64, 2, True), (64, 3, False), (128, 3, True), (128, 4, True),
 
 
 def _check_quantize(D, bits, with_mean):
+    """Keys (minus a mean) and values of other bits in one launch, against the
+    reference quantizer."""
     from mlx_lm.models.turboquant import turboquant_quantize
     from mlx_lm.models.turboquant_codebook import lloyd_max_codebook
     from mlx_lm.models.turboquant_packing import unpack_codes
@@ -86,18 +90,39 @@ def _check_quantize(D, bits, with_mean):
 
     mx.random.seed(D + bits)
     x = (3.0 * mx.random.normal((2, 3, 70, D))).astype(mx.float16)
+    values = mx.random.normal((2, 3, 70, D)).astype(mx.float16)
     mean = mx.random.normal((2, 3, 1, D)) if with_mean else None
-    signs = rotation_signs(D, 0, 1, "k")
-    codebook = mx.array(lloyd_max_codebook(bits, D), dtype=mx.float32)
-    ref_x = x.astype(mx.float32) - mean if with_mean else x
-    ref_packed, ref_norms = turboquant_quantize(ref_x, signs, codebook, bits)
-    packed, norms = kernels.fused_quantize(x, mean, signs, codebook, bits, BACKEND)
-    same = float(mx.mean(unpack_codes(packed, bits, D) == unpack_codes(ref_packed, bits, D)))
-    # Float32 summation order differs from mx.hadamard_transform: a value sitting on a
-    # centroid boundary may round to the other side, nothing more.
-    assert same > 0.999, same
-    np.testing.assert_allclose(np.array(norms), np.array(ref_norms), rtol=2e-3)
-    return 1 - same
+    value_bits = 5 - bits if bits < 4 else 4
+    kinds = [
+        (x.astype(mx.float32) - mean if with_mean else x, rotation_signs(D, 0, 1, "k"), bits),
+        (values, rotation_signs(D, 0, 1, "v"), value_bits),
+    ]
+    codebooks = [mx.array(lloyd_max_codebook(b, D), dtype=mx.float32) for _, _, b in kinds]
+    fused = kernels.fused_quantize(
+        x,
+        mean,
+        values,
+        kinds[0][1],
+        codebooks[0],
+        bits,
+        kinds[1][1],
+        codebooks[1],
+        value_bits,
+        BACKEND,
+    )
+    differing = 0.0
+    for (ref_x, signs, b), codebook, packed, norms in zip(
+        kinds, codebooks, fused[::2], fused[1::2]
+    ):
+        ref_packed, ref_norms = turboquant_quantize(ref_x, signs, codebook, b)
+        same = float(mx.mean(unpack_codes(packed, b, D) == unpack_codes(ref_packed, b, D)))
+        # Float32 summation order differs from mx.hadamard_transform: a value sitting on
+        # a centroid boundary may round to the other side, nothing more.
+        assert same > 0.999, same
+        assert norms.dtype == mx.float16
+        np.testing.assert_allclose(np.array(norms), np.array(ref_norms), rtol=2e-3)
+        differing = max(differing, 1 - same)
+    return differing
 
 
 def test_dispatch_uses_reference_without_a_gpu_backend():
@@ -171,7 +196,12 @@ namespace metal { namespace fast { inline float exp(float x) { return std::exp(x
 using std::max;
 using std::min;
 using std::sqrt;  // the float overload, as on the device
-struct half { unsigned short bits; operator float() const { return 0.0f; } };
+struct half {
+  unsigned short bits;
+  half() = default;
+  half(float) : bits(0) {}
+  operator float() const { return 0.0f; }
+};
 """
 
 CUDA_SHIM = """
@@ -188,12 +218,19 @@ inline float __expf(float x) { return std::exp(x); }
 using std::max;
 using std::min;
 using std::sqrt;  // the float overload, as on the device
-struct __half { unsigned short bits; operator float() const { return 0.0f; } };
+struct __half {
+  unsigned short bits;
+  __half() = default;
+  __half(float) : bits(0) {}
+  operator float() const { return 0.0f; }
+};
 """
 
 INPUT_TYPES = dict(
-    q="float",
-    qm="float",
+    q="HALF",
+    key_signs="float",
+    value_signs="float",
+    means="HALF",
     packed_keys="uint32_t",
     key_norms="HALF",
     packed_values="uint32_t",
@@ -201,28 +238,28 @@ INPUT_TYPES = dict(
     segments="SEG",
     key_codebook="float",
     value_codebook="float",
-    params="int32_t",
-    scale="float",
+    params="float",
     partial_out="float",
     partial_max="float",
     partial_sum="float",
-    out="float",
-    x="HALF",
+    out="out_t",
+    keys="HALF",
+    values="HALF",
     mean="float",
-    signs="float",
-    codebook="float",
-    packed="uint32_t",
-    norms="float",
 )
 
 PARTIAL_TEMPLATES = [
-    dict(D=128, R=7, L=1, NT=128, KB=3, VB=3, KW=12, VW=12, NSEG=4, CAUSAL=0, SPLITS=4),
-    dict(D=64, R=12, L=4, NT=128, KB=4, VB=2, KW=8, VW=4, NSEG=0, CAUSAL=1, SPLITS=1),
+    dict(D=128, R=7, L=1, NT=128, KB=3, VB=3, KW=12, VW=12, NSEG=4, CAUSAL=0, SPLITS=4, ROT=1),
+    dict(D=64, R=12, L=4, NT=128, KB=4, VB=2, KW=8, VW=4, NSEG=0, CAUSAL=1, SPLITS=1, ROT=0),
+]
+QUANTIZE_TEMPLATES = [
+    dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, NK=28, HAS_MEAN=1, PER_MEAN=1),
+    dict(D=64, KBITS=4, VBITS=2, KW=8, VW=4, NK=7, HAS_MEAN=0, PER_MEAN=7),
 ]
 
 
 def translation_unit(backend: str, segment_type: str) -> str:
-    """A C++ file holding both kernels as MLX would declare them (inputs as pointers,
+    """A C++ file holding the kernels as MLX would declare them (inputs as pointers,
     template constants, the backend's thread-id parameters), instantiated."""
     header, partial, merge, quantize = kernels.kernel_sources(backend)
     shim = METAL_SHIM if backend == "metal" else CUDA_SHIM
@@ -239,22 +276,35 @@ def translation_unit(backend: str, segment_type: str) -> str:
         args += [f"{out_qual}{ty(n)}* {n}" for n in outputs]
         return ", ".join(args + ([ids] if backend == "metal" else []))
 
-    names = list(PARTIAL_TEMPLATES[0])
+    def kernel(name, body, inputs, outputs, instances, types=""):
+        names = list(instances[0])
+        unit = f"template <{', '.join(['int ' + n for n in names] + ([types] if types else []))}>\n"
+        unit += f"void {name}({params(inputs, outputs)}) {{\n{body}}}\n"
+        for t in instances:
+            args = [str(t[n]) for n in names] + ([half] if types else [])
+            signature = params(inputs, outputs).replace("out_t", half)
+            unit += f"template void {name}<{', '.join(args)}>({signature});\n"
+        return unit
+
     unit = shim + header
-    unit += f"template <{', '.join('int ' + n for n in names)}>\n"
-    unit += f"void partial_kernel({params(kernels.PARTIAL_INPUTS, kernels.PARTIAL_OUTPUTS)}) {{\n"
-    unit += partial + "}\n"
-    unit += "template <int D, int R, int ROWS, int NT, int SPLITS>\n"
-    unit += f"void merge_kernel({params(kernels.MERGE_INPUTS, ['out'])}) {{\n{merge}}}\n"
-    for t in PARTIAL_TEMPLATES:
-        args = ", ".join(str(t[n]) for n in names)
-        unit += f"template void partial_kernel<{args}>({params(kernels.PARTIAL_INPUTS, kernels.PARTIAL_OUTPUTS)});\n"
-    unit += f"template void merge_kernel<128, 7, 28, 256, 4>({params(kernels.MERGE_INPUTS, ['out'])});\n"
-    q_params = params(kernels.QUANTIZE_INPUTS, kernels.QUANTIZE_OUTPUTS)
-    unit += "template <int D, int BITS, int W, int HAS_MEAN, int PER_MEAN>\n"
-    unit += f"void quantize_kernel({q_params}) {{\n{quantize}}}\n"
-    unit += f"template void quantize_kernel<128, 3, 12, 1, 1>({q_params});\n"
-    unit += f"template void quantize_kernel<64, 4, 8, 0, 7>({q_params});\n"
+    unit += kernel(
+        "partial_kernel",
+        partial,
+        kernels.PARTIAL_INPUTS,
+        kernels.PARTIAL_OUTPUTS,
+        PARTIAL_TEMPLATES,
+    )
+    merge_instances = [dict(D=128, R=7, SPLITS=4, ROT=1), dict(D=64, R=12, SPLITS=1, ROT=0)]
+    unit += kernel(
+        "merge_kernel", merge, kernels.MERGE_INPUTS, ["out"], merge_instances, "typename out_t"
+    )
+    unit += kernel(
+        "quantize_kernel",
+        quantize,
+        kernels.QUANTIZE_INPUTS,
+        kernels.QUANTIZE_OUTPUTS,
+        QUANTIZE_TEMPLATES,
+    )
     return unit
 
 

@@ -37,6 +37,7 @@ KEY_MEAN_FIRST_SEGMENT = 32
 KEY_MEAN_MAX_SEGMENT = 8
 
 SUPPORTED_BITS = tuple(range(1, 9))
+_NO_MEANS = mx.zeros((1, 1, 1, 1), dtype=mx.float16)
 
 
 # Compiled once per bit width (and head_dim): fusing the dozens of small ops of
@@ -53,6 +54,26 @@ def _dequantizer(bits: int, head_dim: int):
             packed, norms, centroids, bits, head_dim
         )
     )
+
+
+@lru_cache(maxsize=None)
+def _kv_dequantizer(key_bits: int, value_bits: int, head_dim: int, centered: bool, inverse: bool):
+    """One compiled call for a context's keys and values: Πk̂ = ŷ + M_s and Πv̂ (rotated
+    domain), or k̂ and v̂ (`inverse`). Compiled per shape: callers pass whole buffers,
+    which change shape only when they grow."""
+
+    def dequantize(pk, kn, segments, pv, vn, means, key_signs, value_signs, kc, vc):
+        k = turboquant_dequantize_rotated(pk, kn, kc, key_bits, head_dim)
+        if centered:
+            # Preallocated slots past the offset may lie in segments not opened yet.
+            segments = mx.minimum(segments, means.shape[2] - 1)
+            k = k + mx.take(means, segments, axis=2).astype(mx.float32)
+        v = turboquant_dequantize_rotated(pv, vn, vc, value_bits, head_dim)
+        if inverse:
+            return inverse_rotate(k, key_signs), inverse_rotate(v, value_signs)
+        return k, v
+
+    return mx.compile(dequantize)
 
 
 def check_turbo_bits(name: str, bits) -> int:
@@ -190,21 +211,17 @@ class TurboQuantCodec:
 
     def _quantize(self, keys: mx.array, values: mx.array):
         """Codes of S new tokens at positions offset..offset+S-1: (packed keys, key
-        norms, packed values, value norms), norms float16."""
+        norms, packed values, value norms), norms float16.
+
+        Keys are quantized per key-mean segment piece (one piece for a decode step).
+        On a GPU the first piece's keys and all values go through one fused launch."""
         B, n_kv_heads, S, d = keys.shape
         if self.head_dim is None:
             self._setup(d, values.shape[-1])
         first, stop = self.offset, self.offset + S
         backend = fused_backend() if quantize_supported(d) else None
 
-        def quantize(x, mean, signs, centroids, bits):
-            if backend is not None:  # one launch instead of a chain of small kernels
-                return fused_quantize(x, mean, signs, centroids, bits, backend)
-            if mean is not None:
-                x = x.astype(mx.float32) - mean
-            return _quantizer(bits)(x, signs, centroids)
-
-        pieces, start = [], first
+        pieces, start, coded_values = [], first, None
         while start < stop:
             s = key_mean_segment(start, self.max_segment)
             end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
@@ -212,27 +229,62 @@ class TurboQuantCodec:
                 self._add_key_mean(s, first, pieces)
             mean = self._original_key_mean(s) if s > 0 else None
             x = keys[:, :, start - first : end - first]
-            pk, kn = quantize(x, mean, self.key_signs, self.key_centroids, self.key_bits)
-            pieces.append((start, pk, kn.astype(mx.float16)))
+            if backend is None:
+                if mean is not None:
+                    x = x.astype(mx.float32) - mean
+                pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
+                kn = kn.astype(mx.float16)
+            else:  # one launch instead of a chain of small kernels
+                with_values = values if coded_values is None else None
+                out = fused_quantize(
+                    x,
+                    mean,
+                    with_values,
+                    self.key_signs,
+                    self.key_centroids,
+                    self.key_bits,
+                    self.value_signs,
+                    self.value_centroids,
+                    self.value_bits,
+                    backend,
+                )
+                pk, kn = out[:2]
+                coded_values = out[2:] if with_values is not None else coded_values
+            pieces.append((start, pk, kn))
             start = end
-        pv, vn = quantize(values, None, self.value_signs, self.value_centroids, self.value_bits)
+        if coded_values is None:
+            pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
+            coded_values = (pv, vn.astype(mx.float16))
         if len(pieces) > 1:
             pk = mx.concatenate([p[1] for p in pieces], axis=2)
             kn = mx.concatenate([p[2] for p in pieces], axis=2)
         else:
             pk, kn = pieces[0][1:]
-        return pk, kn, pv, vn.astype(mx.float16)
+        return (pk, kn, *coded_values)
+
+    def _dequantized(self, packed_keys, key_norms, segments, packed_values, value_norms, inverse):
+        """Πk̂ = ŷ + M_s and Πv̂ for the given buffers (segments: int [T]), float32; or,
+        with `inverse`, k̂ and v̂ in the model's domain."""
+        means = self.key_means_with_zero()
+        f = _kv_dequantizer(
+            self.key_bits, self.value_bits, self.head_dim, means is not None, inverse
+        )
+        return f(
+            packed_keys,
+            key_norms,
+            segments,
+            packed_values,
+            value_norms,
+            _NO_MEANS if means is None else means,
+            self.key_signs,
+            self.value_signs,
+            self.key_centroids,
+            self.value_centroids,
+        )
 
     def _rotated(self, packed_keys, key_norms, segments, packed_values, value_norms, dtype):
-        """Πk̂ = ŷ + M_s and Πv̂ for the given buffers (segments: int [T])."""
-        k = self._dequantize_keys(packed_keys, key_norms)
-        if self.key_means is not None:
-            means = self.key_means_with_zero()
-            # Preallocated slots past the offset may lie in segments not opened yet.
-            segments = mx.minimum(segments, self.segments_held - 1)
-            k = k + mx.take(means, segments, axis=2).astype(mx.float32)
-        v = _dequantizer(self.value_bits, self.head_dim)(
-            packed_values, value_norms, self.value_centroids
+        k, v = self._dequantized(
+            packed_keys, key_norms, segments, packed_values, value_norms, False
         )
         return k.astype(dtype), v.astype(dtype)
 
@@ -260,7 +312,7 @@ class TurboQuantCodec:
         """After a trim: drop the means of segments that start after the new offset (they
         are recomputed, identically, when those positions are filled again)."""
         n = key_mean_segment(self.offset, self.max_segment)
-        if self.key_means is not None:
+        if self.key_means is not None and n < self.segments_held - 1:
             self.key_means = self.key_means[:, :, :n] if n > 0 else None
 
 
@@ -339,6 +391,15 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         self.packed_values[:, :, prev : self.offset] = pv
         self.value_norms[:, :, prev : self.offset] = vn
         return self._fetch(keys.dtype)
+
+    def _fetch(self, dtype):
+        # One compiled call over the whole buffers (shapes change only as they grow): a
+        # decode step builds a few ops here, not dozens, for arrays that our attention
+        # dispatch never evaluates.
+        k, v = self._dequantized(
+            *self._buffers()[:2], self._segment_ids(), *self._buffers()[2:], True
+        )
+        return k[:, :, : self.offset].astype(dtype), v[:, :, : self.offset].astype(dtype)
 
     def rotated_keys_values(self, dtype=mx.float32):
         """Keys and values of the context in the rotated domain (key means added back).

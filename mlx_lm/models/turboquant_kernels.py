@@ -2,16 +2,20 @@
 
 For each (batch, KV head, split of the context) a thread group
 
-1. scores a tile of tokens against the pre-rotated queries of the head's GQA group,
-   straight from the packed key codes: s_j = scale (n_j Σ_d q_d c[idx_jd] + q·M_s(j)),
-   one token per thread (M: the causal key means, q·M precomputed per segment);
-2. updates the online softmax of every query row (running max and sum);
-3. accumulates the values in the rotated domain, one coordinate per thread, from the
+1. rotates the queries of the head's GQA group (Πq: signs, then a Walsh-Hadamard
+   butterfly in shared memory) and takes q·M_s for every key-mean segment;
+2. scores a tile of tokens straight from the packed key codes:
+   s_j = scale (n_j Σ_d (Πq)_d c[idx_jd] + q·M_s(j)), one token per thread;
+3. updates the online softmax of every query row (running max and sum);
+4. accumulates the values in the rotated domain, one coordinate per thread, from the
    packed value codes: o += p_j m_j c'[idx_jd].
 
-A second small kernel merges the splits (flash-decoding), and the output is rotated back
-once. Nothing is dequantized into memory: per token the kernel reads the packed words
-and two float16 norms (at d = 128 and 3 bits, 100 bytes instead of FP16's 512).
+A second small kernel merges the splits (flash-decoding) and rotates each output row
+back (Π⁻¹, the same butterfly), writing the model's dtype. Nothing is dequantized into
+memory: per token the kernel reads the packed words and two float16 norms (at d = 128
+and 3 bits, 100 bytes instead of FP16's 512). A decode step is two launches for the
+attention and one (`fused_quantize`) for the new token's keys and values: on a GPU at
+batch 1 the step is bound by launches, not by bytes, so every op saved counts.
 
 The kernel body is written once; `CUDA_PRELUDE` / `METAL_PRELUDE` map its few backend
 words (thread ids, shared memory, barriers, pointers) to CUDA (`mx.fast.cuda_kernel`)
@@ -32,9 +36,11 @@ from .turboquant_rotation import inverse_rotate, rotate
 # query tokens: longer query blocks (prefill) take the reference path.
 MAX_ROWS = 32
 MAX_QUERY_TOKENS = 8
-# Context tokens per split; the number of splits also aims at filling the GPU.
-TOKENS_PER_SPLIT = 512
-TARGET_GROUPS = 512
+# The context is split so that about TARGET_GROUPS thread groups run (a decode step at
+# batch 1 has only a few KV heads: without splits the GPU would idle), each with at
+# least MIN_TOKENS_PER_SPLIT tokens.
+MIN_TOKENS_PER_SPLIT = 128
+TARGET_GROUPS = 1024
 
 CUDA_PRELUDE = """
 #define TQ_SHARED __shared__
@@ -43,6 +49,7 @@ CUDA_PRELUDE = """
 #define TQ_OUT(T) T*
 #define TQ_FN __device__ inline
 #define TQ_EXP(x) __expf(x)
+typedef __half half_t;
 """
 
 METAL_PRELUDE = """
@@ -52,6 +59,7 @@ METAL_PRELUDE = """
 #define TQ_OUT(T) device T*
 #define TQ_FN inline
 #define TQ_EXP(x) metal::fast::exp(x)
+typedef half half_t;
 """
 
 # Thread and group ids: the only lines of the body that differ per backend (MLX detects
@@ -78,29 +86,65 @@ TQ_FN uint32_t tq_code(TQ_PTR(uint32_t) words, int i, int bits) {
 
 # Template constants: D head_dim, R query rows (GQA group x query tokens), L query
 # tokens, NT threads per group (>= D, a multiple of D), KB/VB key/value bits, KW/VW
-# packed words per key/value, NSEG key-mean segments (0: none), CAUSAL, SPLITS.
-# Inputs: q [B*Hkv, R, D] f32 rotated, qm [B*Hkv, R, NSEG] f32 (q . M_s), packed keys /
-# values [B*Hkv, CAP, KW|VW] u32, norms [B*Hkv, CAP] f16, segment ids [CAP], codebooks,
-# params = {tokens held, tokens per split, capacity}, scale [1] f32.
+# packed words per key/value, NSEG key-mean segments counting M_0 = 0 (0: no means),
+# CAUSAL, SPLITS, ROT (1: D is a power of two and the group rotates the queries itself
+# with a Walsh-Hadamard butterfly; 0: q arrives rotated). Inputs: q [B*Hkv, R, D] (any
+# float type), key_signs [D] f32, means [B*Hkv, NSEG - 1, D] f16 (M_1, M_2, ...), packed
+# keys / values [B*Hkv, CAP, KW|VW] u32, norms [B*Hkv, CAP] f16, segment ids [CAP],
+# codebooks, params = {tokens held, tokens per split, capacity, scale} f32.
 PARTIAL_BODY = """
   const int split = tq_group % SPLITS;
   const int bh = tq_group / SPLITS;
-  const int T = params[0];
-  const int per_split = params[1];
-  const int cap = params[2];
-  const float sc = scale[0];
+  const int T = static_cast<int>(params[0]);
+  const int per_split = static_cast<int>(params[1]);
+  const int cap = static_cast<int>(params[2]);
+  const float sc = params[3];
   constexpr int RG = NT / D;
   constexpr int RPT = (R + RG - 1) / RG;
+  constexpr int NQM = NSEG > 0 ? NSEG : 1;
   const int d = tq_tid % D;
   const int rg = tq_tid / D;
 
   TQ_SHARED float qs[R * D];
+  TQ_SHARED float qm[R * NQM];
   TQ_SHARED float ps[R * NT];
   TQ_SHARED float row_m[R];
   TQ_SHARED float row_l[R];
   TQ_SHARED float row_alpha[R];
+  // Πq = H D q / sqrt(D) (turboquant_rotation.rotate), for all R rows at once.
   for (int i = tq_tid; i < R * D; i += NT) {
-    qs[i] = q[bh * R * D + i];
+    qs[i] = static_cast<float>(q[(size_t)bh * R * D + i]) * (ROT ? key_signs[i % D] : 1.0f);
+  }
+  TQ_SYNC();
+  if (ROT) {
+    for (int len = 1; len < D; len <<= 1) {
+      for (int i = tq_tid; i < R * D / 2; i += NT) {
+        const int p = i % (D / 2);
+        const int lo = (i / (D / 2)) * D + (p / len) * 2 * len + p % len;
+        const float a = qs[lo];
+        const float b = qs[lo + len];
+        qs[lo] = a + b;
+        qs[lo + len] = a - b;
+      }
+      TQ_SYNC();
+    }
+    for (int i = tq_tid; i < R * D; i += NT) {
+      qs[i] *= 1.0f / sqrt((float)D);
+    }
+    TQ_SYNC();
+  }
+  // q . M_s for every row and segment (M_0 = 0).
+  for (int i = tq_tid; i < R * NSEG; i += NT) {
+    const int r = i / NQM;
+    const int s = i % NQM;
+    float dot = 0.0f;
+    if (s > 0) {
+      TQ_PTR(half_t) mean = means + ((size_t)bh * (NQM - 1) + s - 1) * D;
+      for (int e = 0; e < D; e++) {
+        dot += qs[r * D + e] * static_cast<float>(mean[e]);
+      }
+    }
+    qm[i] = dot;
   }
   if (tq_tid < R) {
     row_m[tq_tid] = -INFINITY;
@@ -134,7 +178,7 @@ PARTIAL_BODY = """
       for (int r = 0; r < R; r++) {
         float score = norm * dots[r];
         if (NSEG > 0) {
-          score += qm[((size_t)bh * R + r) * NSEG + s];
+          score += qm[r * NQM + s];
         }
         score *= sc;
         if (CAUSAL && j > T - L + (r % L)) {
@@ -202,41 +246,62 @@ PARTIAL_BODY = """
   }
 """
 
-# One thread per (batch x KV head x row, coordinate): merge the splits.
+# One thread group of D threads per (batch x KV head x row): merge the splits, then
+# (ROT) rotate the row back, Π⁻¹y = D H y / sqrt(D), and write it in the model's dtype.
 MERGE_BODY = """
-  const int idx = tq_group * NT + tq_tid;
-  if (idx >= ROWS * D) {
-    return;
-  }
-  const int d = idx % D;
-  const int row = idx / D;
+  const int row = tq_group;
+  const int d = tq_tid;
+  TQ_SHARED float h[D];
+  const int first = (row / R) * SPLITS * R + row % R;
   float m = -INFINITY;
   for (int s = 0; s < SPLITS; s++) {
-    m = max(m, partial_max[row / R * SPLITS * R + s * R + row % R]);
+    m = max(m, partial_max[first + s * R]);
   }
   float num = 0.0f;
   float den = 0.0f;
   for (int s = 0; s < SPLITS; s++) {
-    const int k = row / R * SPLITS * R + s * R + row % R;
+    const int k = first + s * R;
     const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - m);
-    num += w * partial_out[k * D + d];
+    num += w * partial_out[(size_t)k * D + d];
     den += w * partial_sum[k];
   }
-  out[idx] = num / den;
+  float o = num / den;
+  if (ROT) {
+    h[d] = o;
+    TQ_SYNC();
+    for (int len = 1; len < D; len <<= 1) {
+      if ((d & len) == 0) {
+        const float a = h[d];
+        const float b = h[d + len];
+        h[d] = a + b;
+        h[d + len] = a - b;
+      }
+      TQ_SYNC();
+    }
+    o = h[d] * (1.0f / sqrt((float)D)) * value_signs[d];
+  }
+  out[(size_t)row * D + d] = static_cast<out_t>(o);
 """
 
 # Quantize: one thread group of D threads per vector (norm, rotation, nearest centroid,
-# norm correction, pack). Template: D (a power of two), BITS, W packed words, HAS_MEAN,
-# PER_MEAN (vectors sharing one mean). Inputs: x [N, D], mean [N / PER_MEAN, D] f32,
-# signs [D] f32, codebook [2^BITS] f32. Outputs: packed [N, W] u32, norms [N] f32.
+# norm correction, pack); groups [0, NK) take keys, the NV after them values, so one
+# launch quantizes a decode step's keys and values. Template: D (a power of two),
+# KBITS/VBITS, KW/VW packed words, NK, HAS_MEAN, PER_MEAN (keys sharing one mean).
+# Inputs: keys [NK, D], values [NV, D], mean [NK / PER_MEAN, D] f32, signs [D] f32 and
+# codebooks [2^bits] f32 per kind. Outputs: packed [N, W] u32 and norms [N] f16 per kind.
 QUANTIZE_BODY = """
-  const int n = tq_group;
+  const bool is_key = tq_group < NK;
+  const int n = is_key ? tq_group : tq_group - NK;
   const int d = tq_tid;
+  const int bits = is_key ? KBITS : VBITS;
+  const int words = is_key ? KW : VW;
+  TQ_PTR(float) signs = is_key ? key_signs : value_signs;
+  TQ_PTR(float) codebook = is_key ? key_codebook : value_codebook;
   TQ_SHARED float h[D];
   TQ_SHARED float red[D];
   TQ_SHARED uint32_t codes[D];
-  float v = static_cast<float>(x[(size_t)n * D + d]);
-  if (HAS_MEAN) {
+  float v = static_cast<float>(is_key ? keys[(size_t)n * D + d] : values[(size_t)n * D + d]);
+  if (HAS_MEAN && is_key) {
     v -= mean[(size_t)(n / PER_MEAN) * D + d];
   }
   // ||x||: tree reduction.
@@ -265,7 +330,7 @@ QUANTIZE_BODY = """
   const float y = h[d] * (1.0f / sqrt((float)D));
   // Nearest centroid: the number of midpoints below y (ties to the lower one).
   uint32_t code = 0;
-  for (int i = 0; i + 1 < (1 << BITS); i++) {
+  for (int i = 0; i + 1 < (1 << bits); i++) {
     code += (0.5f * (codebook[i] + codebook[i + 1]) < y) ? 1u : 0u;
   }
   codes[d] = code;
@@ -279,24 +344,34 @@ QUANTIZE_BODY = """
     TQ_SYNC();
   }
   // Pack: thread w assembles word w from the codes whose bits fall in it.
-  if (d < W) {
+  if (d < words) {
     uint32_t word = 0;
-    const int first = (32 * d) / BITS;
-    const int last = min(D - 1, (32 * d + 31) / BITS);
+    const int first = (32 * d) / bits;
+    const int last = min(D - 1, (32 * d + 31) / bits);
     for (int j = first; j <= last; j++) {
-      const int shift = j * BITS - 32 * d;
+      const int shift = j * bits - 32 * d;
       word |= shift >= 0 ? codes[j] << shift : codes[j] >> (-shift);
     }
-    packed[(size_t)n * W + d] = word;
+    if (is_key) {
+      packed_keys[(size_t)n * KW + d] = word;
+    } else {
+      packed_values[(size_t)n * VW + d] = word;
+    }
   }
   if (d == 0) {
-    norms[n] = norm / max(sqrt(red[0]), 1e-30f);
+    const half_t corrected = static_cast<half_t>(norm / max(sqrt(red[0]), 1e-30f));
+    if (is_key) {
+      key_norms[n] = corrected;
+    } else {
+      value_norms[n] = corrected;
+    }
   }
 """
 
 PARTIAL_INPUTS = [
     "q",
-    "qm",
+    "key_signs",
+    "means",
     "packed_keys",
     "key_norms",
     "packed_values",
@@ -305,14 +380,20 @@ PARTIAL_INPUTS = [
     "key_codebook",
     "value_codebook",
     "params",
-    "scale",
 ]
 PARTIAL_OUTPUTS = ["partial_out", "partial_max", "partial_sum"]
-MERGE_INPUTS = ["partial_out", "partial_max", "partial_sum"]
+MERGE_INPUTS = ["partial_out", "partial_max", "partial_sum", "value_signs"]
 
-
-QUANTIZE_INPUTS = ["x", "mean", "signs", "codebook"]
-QUANTIZE_OUTPUTS = ["packed", "norms"]
+QUANTIZE_INPUTS = [
+    "keys",
+    "values",
+    "mean",
+    "key_signs",
+    "value_signs",
+    "key_codebook",
+    "value_codebook",
+]
+QUANTIZE_OUTPUTS = ["packed_keys", "key_norms", "packed_values", "value_norms"]
 
 
 def kernel_sources(backend: str):
@@ -377,33 +458,62 @@ def quantize_supported(head_dim: int) -> bool:
     return head_dim in (32, 64, 128, 256)
 
 
-def fused_quantize(x: mx.array, mean: Optional[mx.array], signs, codebook, bits: int, backend):
-    """turboquant_quantize of x [B, H, S, D] (minus `mean` [B, H, 1, D] if given) in one
-    launch: (packed uint32 [B, H, S, W], norms float32 [B, H, S])."""
-    B, H, S, D = x.shape
-    words = (D * bits + 31) // 32
-    n = B * H * S
-    quantize = _kernels(backend)[2]
-    packed, norms = quantize(
+@lru_cache(maxsize=None)
+def _zeros(n: int, dtype) -> mx.array:
+    return mx.zeros((n,), dtype)
+
+
+def fused_quantize(
+    keys: mx.array,
+    mean: Optional[mx.array],
+    values: Optional[mx.array],
+    key_signs,
+    key_codebook,
+    key_bits: int,
+    value_signs=None,
+    value_codebook=None,
+    value_bits: int = 0,
+    backend: str = "cuda",
+):
+    """turboquant_quantize of keys [B, H, S, D] (minus `mean` [B, H, 1, D] if given) and,
+    if given, of values [B, H, S', D], in one launch. Returns (packed keys, key norms)
+    or (packed keys, key norms, packed values, value norms); norms float16 [B, H, S]."""
+    B, H, S, D = keys.shape
+    kw = (D * key_bits + 31) // 32
+    nk = B * H * S
+    nv = 0 if values is None else values.size // D
+    vw = (D * value_bits + 31) // 32 if values is not None else 1
+    f32 = mx.float32
+    outputs = _kernels(backend)[2](
         inputs=[
-            x.reshape(n, D),
-            mx.zeros((1,), mx.float32) if mean is None else mean.astype(mx.float32),
-            signs,
-            codebook,
+            keys.reshape(nk, D),
+            _zeros(D, keys.dtype) if values is None else values.reshape(nv, D),
+            _zeros(1, f32) if mean is None else mean.astype(f32),
+            key_signs,
+            _zeros(D, f32) if value_signs is None else value_signs,
+            key_codebook,
+            _zeros(2, f32) if value_codebook is None else value_codebook,
         ],
         template=[
             ("D", D),
-            ("BITS", bits),
-            ("W", words),
+            ("KBITS", key_bits),
+            ("VBITS", value_bits or 1),
+            ("KW", kw),
+            ("VW", vw),
+            ("NK", nk),
             ("HAS_MEAN", int(mean is not None)),
             ("PER_MEAN", S),
         ],
-        grid=(n * D, 1, 1),
+        grid=((nk + nv) * D, 1, 1),
         threadgroup=(D, 1, 1),
-        output_shapes=[(n, words), (n,)],
-        output_dtypes=[mx.uint32, mx.float32],
+        output_shapes=[(nk, kw), (nk,), (max(nv, 1), vw), (max(nv, 1),)],
+        output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
     )
-    return packed.reshape(B, H, S, words), norms.reshape(B, H, S)
+    pk, kn = outputs[0].reshape(B, H, S, kw), outputs[1].reshape(B, H, S)
+    if values is None:
+        return pk, kn
+    shape = values.shape[:3]
+    return pk, kn, outputs[2].reshape(*shape, vw), outputs[3].reshape(shape)
 
 
 def threads_per_group(head_dim: int) -> int:
@@ -417,11 +527,17 @@ def supports(queries: mx.array, cache, mask) -> bool:
         return False
     rows = n_q_heads // cache.n_kv_heads * L
     nt = threads_per_group(D)
-    if rows > MAX_ROWS or 4 * rows * (D + nt) > 40 * 1024:
+    if rows > MAX_ROWS or 4 * rows * (D + nt + 9) > 40 * 1024:
         return False
     if mask is None:
         return True
     return isinstance(mask, str) and mask == "causal" and not cache.is_ring()
+
+
+def _rotates_inside(head_dim: int) -> bool:
+    """The kernels rotate queries and outputs themselves for power-of-two head_dims
+    (the Sylvester Hadamard matrix of mx.hadamard_transform); else the host does."""
+    return head_dim & (head_dim - 1) == 0
 
 
 def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
@@ -433,20 +549,17 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     cap = packed_keys.shape[2]
     group = n_q_heads // n_kv
     rows = group * L
-    q = rotate(queries, cache.key_signs)  # float32
-    q = q.reshape(B, n_kv, rows, D)
-    means = cache.key_means_with_zero()
-    if means is None:
-        nseg, qm = 0, mx.zeros((1,), mx.float32)
-    else:
-        nseg = means.shape[2]
-        qm = q @ means.astype(mx.float32).swapaxes(-1, -2)  # [B, n_kv, rows, nseg]
+    rot = _rotates_inside(D)
+    q = queries if rot else rotate(queries, cache.key_signs)
+    q = q.reshape(B * n_kv, rows, D)
+    means = cache.key_means
+    nseg = 0 if means is None else means.shape[2] + 1
     groups = B * n_kv
-    splits = max(1, min(math.ceil(tokens / TOKENS_PER_SPLIT), math.ceil(TARGET_GROUPS / groups)))
-    splits = min(splits, max(1, math.ceil(tokens / 64)))
+    splits = max(1, min(math.ceil(tokens / MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // groups))
     per_split = math.ceil(tokens / splits)
     nt = threads_per_group(D)
-    params = mx.array([tokens, per_split, cap], dtype=mx.int32)
+    # Small integers and the scale are exact in float32: one parameter array per step.
+    params = mx.array([tokens, per_split, cap, scale], dtype=mx.float32)
     partial, merge, _ = _kernels(backend)
     template = [
         ("D", D),
@@ -460,11 +573,13 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
         ("NSEG", nseg),
         ("CAUSAL", int(mask is not None and L > 1)),
         ("SPLITS", splits),
+        ("ROT", int(rot)),
     ]
     out, m, s = partial(
         inputs=[
             q,
-            qm,
+            cache.key_signs,
+            _zeros(1, mx.float16) if means is None else means,
             packed_keys,
             key_norms,
             packed_values,
@@ -473,7 +588,6 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
             cache.key_centroids,
             cache.value_centroids,
             params,
-            mx.array([scale], dtype=mx.float32),
         ],
         template=template,
         grid=(groups * splits * nt, 1, 1),
@@ -481,21 +595,22 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
         output_shapes=[(groups, splits, rows, D), (groups, splits, rows), (groups, splits, rows)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
-    total = groups * rows * D
-    merge_threads = 256
+    out_dtype = queries.dtype if rot else mx.float32
     (o,) = merge(
-        inputs=[out, m, s],
+        inputs=[out, m, s, cache.value_signs],
         template=[
             ("D", D),
             ("R", rows),
-            ("ROWS", groups * rows),
-            ("NT", merge_threads),
             ("SPLITS", splits),
+            ("ROT", int(rot)),
+            ("out_t", out_dtype),
         ],
-        grid=(math.ceil(total / merge_threads) * merge_threads, 1, 1),
-        threadgroup=(merge_threads, 1, 1),
-        output_shapes=[(groups, rows, D)],
-        output_dtypes=[mx.float32],
+        grid=(groups * rows * D, 1, 1),
+        threadgroup=(D, 1, 1),
+        output_shapes=[(groups * rows, D)],
+        output_dtypes=[out_dtype],
     )
     o = o.reshape(B, n_q_heads, L, D)
+    if rot:
+        return o
     return inverse_rotate(o, cache.value_signs).astype(queries.dtype)
