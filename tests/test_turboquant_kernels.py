@@ -249,8 +249,24 @@ INPUT_TYPES = dict(
 )
 
 PARTIAL_TEMPLATES = [
-    dict(D=128, R=7, L=1, NT=128, KB=3, VB=3, KW=12, VW=12, NSEG=4, CAUSAL=0, SPLITS=4, ROT=1),
-    dict(D=64, R=12, L=4, NT=128, KB=4, VB=2, KW=8, VW=4, NSEG=0, CAUSAL=1, SPLITS=1, ROT=0),
+    dict(
+        D=128,
+        R=7,
+        L=1,
+        NT=128,
+        KB=3,
+        VB=3,
+        KW=12,
+        VW=12,
+        NSEG=4,
+        CAUSAL=0,
+        SPLITS=4,
+        VSUB=32,
+        ROT=1,
+    ),
+    dict(
+        D=64, R=12, L=4, NT=128, KB=4, VB=2, KW=8, VW=4, NSEG=0, CAUSAL=1, SPLITS=1, VSUB=32, ROT=0
+    ),
 ]
 QUANTIZE_TEMPLATES = [
     dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, NK=28, HAS_MEAN=1, PER_MEAN=1),

@@ -36,6 +36,10 @@ from .turboquant_rotation import inverse_rotate, rotate
 # query tokens: longer query blocks (prefill) take the reference path.
 MAX_ROWS = 32
 MAX_QUERY_TOKENS = 8
+# Value tokens staged in shared memory at a time, and the shared memory a thread group
+# may use (Metal's limit; CUDA allows 48 KB of static shared memory).
+VALUE_SUBTILE = 32
+SHARED_BYTES = 32 * 1024
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
 # least MIN_TOKENS_PER_SPLIT tokens.
@@ -71,8 +75,10 @@ METAL_IDS = (
 )
 
 HEADER = """
-// Code i of a little-endian bit stream of `bits`-bit codes (turboquant_packing).
-TQ_FN uint32_t tq_code(TQ_PTR(uint32_t) words, int i, int bits) {
+// Code i of a little-endian bit stream of `bits`-bit codes (turboquant_packing), from
+// device, shared or thread memory.
+template <typename Words>
+TQ_FN uint32_t tq_code(Words words, int i, int bits) {
   const int bit = i * bits;
   const int w = bit >> 5;
   const int shift = bit & 31;
@@ -87,7 +93,7 @@ TQ_FN uint32_t tq_code(TQ_PTR(uint32_t) words, int i, int bits) {
 # Template constants: D head_dim, R query rows (GQA group x query tokens), L query
 # tokens, NT threads per group (>= D, a multiple of D), KB/VB key/value bits, KW/VW
 # packed words per key/value, NSEG key-mean segments counting M_0 = 0 (0: no means),
-# CAUSAL, SPLITS, ROT (1: D is a power of two and the group rotates the queries itself
+# CAUSAL, SPLITS, VSUB (value tokens staged per round), ROT (1: D is a power of two and the group rotates the queries itself
 # with a Walsh-Hadamard butterfly; 0: q arrives rotated). Inputs: q [B*Hkv, R, D] (any
 # float type), key_signs [D] f32, means [B*Hkv, NSEG - 1, D] f16 (M_1, M_2, ...), packed
 # keys / values [B*Hkv, CAP, KW|VW] u32, norms [B*Hkv, CAP] f16, segment ids [CAP],
@@ -111,6 +117,16 @@ PARTIAL_BODY = """
   TQ_SHARED float row_m[R];
   TQ_SHARED float row_l[R];
   TQ_SHARED float row_alpha[R];
+  TQ_SHARED float key_cb[1 << KB];
+  TQ_SHARED float value_cb[1 << VB];
+  TQ_SHARED uint32_t value_tile[VSUB * VW];
+  TQ_SHARED float value_scale[VSUB];
+  for (int i = tq_tid; i < (1 << KB); i += NT) {
+    key_cb[i] = key_codebook[i];
+  }
+  for (int i = tq_tid; i < (1 << VB); i += NT) {
+    value_cb[i] = value_codebook[i];
+  }
   // Πq = H D q / sqrt(D) (turboquant_rotation.rotate), for all R rows at once.
   for (int i = tq_tid; i < R * D; i += NT) {
     qs[i] = static_cast<float>(q[(size_t)bh * R * D + i]) * (ROT ? key_signs[i % D] : 1.0f);
@@ -162,14 +178,19 @@ PARTIAL_BODY = """
     // 1. Scores, one token per thread.
     const int j = tile + tq_tid;
     if (j < t_end) {
-      TQ_PTR(uint32_t) kw = packed_keys + ((size_t)bh * cap + j) * KW;
+      // The token's words into registers first: independent loads, issued together.
+      uint32_t kw[KW + 1];
+      for (int w = 0; w < KW; w++) {
+        kw[w] = packed_keys[((size_t)bh * cap + j) * KW + w];
+      }
+      kw[KW] = 0;
       const float norm = static_cast<float>(key_norms[(size_t)bh * cap + j]);
       float dots[R];
       for (int r = 0; r < R; r++) {
         dots[r] = 0.0f;
       }
       for (int e = 0; e < D; e++) {
-        const float c = key_codebook[tq_code(kw, e, KB)];
+        const float c = key_cb[tq_code(kw, e, KB)];
         for (int r = 0; r < R; r++) {
           dots[r] += qs[r * D + e] * c;
         }
@@ -219,19 +240,31 @@ PARTIAL_BODY = """
         acc[i] *= row_alpha[r];
       }
     }
+    // Values VSUB tokens at a time, staged in shared memory by coalesced loads (every
+    // thread needs every token's words: reading them from device memory one token
+    // after another would serialize on load latency).
     const int n = min(NT, t_end - tile);
-    for (int jj = 0; jj < n; jj++) {
-      const size_t slot = (size_t)bh * cap + tile + jj;
-      const float v = static_cast<float>(value_norms[slot]) *
-          value_codebook[tq_code(packed_values + slot * VW, d, VB)];
-      for (int i = 0; i < RPT; i++) {
-        const int r = rg + i * RG;
-        if (r < R) {
-          acc[i] += ps[r * NT + jj] * v;
+    for (int sub = 0; sub < n; sub += VSUB) {
+      const int m = min(VSUB, n - sub);
+      const size_t slot0 = (size_t)bh * cap + tile + sub;
+      for (int i = tq_tid; i < m * VW; i += NT) {
+        value_tile[i] = packed_values[slot0 * VW + i];
+      }
+      for (int i = tq_tid; i < m; i += NT) {
+        value_scale[i] = static_cast<float>(value_norms[slot0 + i]);
+      }
+      TQ_SYNC();
+      for (int jj = 0; jj < m; jj++) {
+        const float v = value_scale[jj] * value_cb[tq_code(value_tile + jj * VW, d, VB)];
+        for (int i = 0; i < RPT; i++) {
+          const int r = rg + i * RG;
+          if (r < R) {
+            acc[i] += ps[r * NT + sub + jj] * v;
+          }
         }
       }
+      TQ_SYNC();
     }
-    TQ_SYNC();
   }
   const size_t base = ((size_t)bh * SPLITS + split) * R;
   for (int i = 0; i < RPT; i++) {
@@ -527,7 +560,10 @@ def supports(queries: mx.array, cache, mask) -> bool:
         return False
     rows = n_q_heads // cache.n_kv_heads * L
     nt = threads_per_group(D)
-    if rows > MAX_ROWS or 4 * rows * (D + nt + 9) > 40 * 1024:
+    value_words = (D * cache.value_bits + 31) // 32
+    shared = rows * (D + nt + 12) + VALUE_SUBTILE * (value_words + 1)
+    shared += 2**cache.key_bits + 2**cache.value_bits
+    if rows > MAX_ROWS or 4 * shared > SHARED_BYTES:
         return False
     if mask is None:
         return True
@@ -573,6 +609,7 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
         ("NSEG", nseg),
         ("CAUSAL", int(mask is not None and L > 1)),
         ("SPLITS", splits),
+        ("VSUB", VALUE_SUBTILE),
         ("ROT", int(rot)),
     ]
     out, m, s = partial(
