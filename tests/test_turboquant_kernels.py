@@ -56,7 +56,7 @@ CASES = [
     (2, 28, 4, 1, 3000, 128, 3, True, None, 3),
     (1, 28, 4, 1, 5000, 128, 2, False, None, 1),
     (1, 8, 2, 4, 600, 128, 4, True, None, 1),
-    (1, 4, 1, 4, 300, 256, 3, True, None, 1),
+    (1, 4, 1, 2, 300, 256, 3, True, None, 1),
     (2, 8, 8, 3, 1200, 64, 3, True, None, 1),
     (1, 9, 3, 1, 900, 64, 3, True, 512, 900),  # wrapped ring, one token at a time
     (1, 8, 4, 1, 2500, 128, 4, True, 1024, 5),  # ring filled by chunks
