@@ -207,3 +207,26 @@ def test_batch_generator_seeded_sampling_ignores_neighbours(model):
     other = BatchGenerator(model)
     r = other.insert(prompt, sampler=sampler, seed=8)
     assert [r.token] + [other.step()[0].token for _ in range(10)] != a
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
+def test_batch_generator_other_architectures(arch):
+    """Per-sequence RoPE offsets and padding masks reach every attention: QK-norm
+    (qwen3) and multi-head latent attention, whose KVCache holds latents (deepseek_v3)."""
+    if arch == "deepseek_v3":
+        from test_models_mla import _tiny
+
+        model = _tiny("deepseek_v3")
+    else:
+        model = make_tiny_model(arch, head_dim=32)
+    prompts = [_tokens(40 + n, n) for n in (7, 19, 3)]
+    expected = [[t for t, _ in generate_step(mx.array(p), model, max_tokens=6)] for p in prompts]
+    gen = BatchGenerator(model)
+    got = {}
+    for p in prompts:
+        r = gen.insert(p)
+        got[r.uid] = [r.token]
+    for _ in range(5):
+        for r in gen.step():
+            got[r.uid].append(r.token)
+    assert [got[u] for u in sorted(got)] == expected
