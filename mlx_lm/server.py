@@ -611,6 +611,7 @@ class ModelServer:
                 return
             try:
                 if not request.cancelled.is_set():
+                    self.peak_batch = 1
                     self._generate(request)
             except Exception as e:  # never let one request kill the worker
                 self._fail(request, e)

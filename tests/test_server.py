@@ -469,6 +469,31 @@ def test_turboquant_batch_equals_sequential_runs(tiny_tq_server):
     assert health["max_batch_size"] == 3 and health["peak_batch"] == 3
 
 
+def test_one_at_a_time_server(tiny_model_dir):
+    """--max-kv-size (a rotating cache, which cannot be batched): requests are served one
+    after another, concurrent streams still equal sequential runs, stop strings hold."""
+    server = Server("--model", tiny_model_dir, "--alias", "tiny", "--max-kv-size", "64")
+    try:
+        server.wait()
+        health = server.get("/health")[1]
+        assert health["max_batch_size"] == 1
+        client = server.client()
+        prompts = ["hello", "world", "café"]
+        kw = dict(max_tokens=40, logit_bias={"1": -100})
+        solo = [chat(client, p, **kw).choices[0].message.content for p in prompts]
+        got = concurrently(
+            *[lambda p=p: stream_text(chat(client, p, stream=True, **kw))[0] for p in prompts]
+        )
+        assert got == solo
+        stop = solo[0][6:8]
+        r = chat(client, "hello", stop=stop, **kw)
+        assert r.choices[0].message.content == solo[0][: solo[0].find(stop)]
+        assert r.choices[0].finish_reason == "stop"
+        assert server.get("/health")[1]["peak_batch"] == 1
+    finally:
+        server.stop()
+
+
 def test_uncombinable_caches_are_served_one_at_a_time(tiny_model_dir):
     from mlx_lm import load
     from mlx_lm.server import ModelServer, setup_arg_parser
