@@ -383,7 +383,7 @@ class BatchResponse:
 
 @dataclass
 class _Sequence:
-    sampler: Callable
+    sampler: Optional[Callable]  # None: greedy
     processors: List[Callable]
     history: Optional[mx.array]
     key: Optional[mx.array]
@@ -450,7 +450,11 @@ class BatchGenerator:
         seed: Optional[int] = None,
     ) -> BatchResponse:
         """Prefill `prompt` (the tokens not yet in `prompt_cache`, at least one) and add
-        the sequence to the batch. Returns its first generated token (with its uid)."""
+        the sequence to the batch. Returns its first generated token (with its uid).
+
+        `sampler` maps log-probabilities [1, V] to a token (`make_sampler`; None: greedy,
+        and greedy sequences share one argmax per step); with `seed` it is called with
+        a `key=` argument, the sequence's own PRNG key."""
         if len(self) >= self.max_batch_size:
             raise ValueError(
                 f"The batch is full ({self.max_batch_size} sequences): remove one first or "
@@ -474,7 +478,7 @@ class BatchGenerator:
                 "or generate one request at a time (generate_step)."
             )
         seq = _Sequence(
-            sampler=sampler or (lambda x, key=None: mx.argmax(x, axis=-1)),
+            sampler=sampler,
             processors=list(logits_processors or []),
             history=prompt if logits_processors else None,
             key=None if seed is None else mx.random.key(seed),
@@ -508,7 +512,9 @@ class BatchGenerator:
         for processor in seq.processors:
             logits = processor(seq.history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        if seq.key is not None:
+        if seq.sampler is None:
+            token = mx.argmax(logprobs, axis=-1)
+        elif seq.key is not None:
             seq.key, key = mx.random.split(seq.key)
             token = seq.sampler(logprobs, key=key)
         else:
@@ -525,15 +531,24 @@ class BatchGenerator:
         with mx.stream(generation_stream):
             inputs = mx.array([[s.next_token] for s in seqs], dtype=mx.uint32)
             logits = self.model(inputs, cache=self._cache)[:, -1, :]
-            if all(not s.processors and s.key is None for s in seqs):
-                # One sampler call per distinct sampler (usually one for the whole batch).
-                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-                tokens = [s.sampler(logprobs[i : i + 1]).reshape(-1) for i, s in enumerate(seqs)]
-                rows = [logprobs[i : i + 1] for i in range(len(seqs))]
+            # Greedy rows without logits processors share one argmax over the batch;
+            # the others are sampled row by row (own sampler, processors, PRNG key).
+            plain = [s.sampler is None and not s.processors for s in seqs]
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            greedy = mx.argmax(logprobs, axis=-1)
+            if all(plain):
+                tokens, rows = greedy, [logprobs[i : i + 1] for i in range(len(seqs))]
             else:
-                pairs = [self._sample(s, logits[i : i + 1]) for i, s in enumerate(seqs)]
-                tokens, rows = [p[0] for p in pairs], [p[1] for p in pairs]
-            tokens = mx.concatenate(tokens)
+                pairs = [
+                    (
+                        (greedy[i : i + 1], logprobs[i : i + 1])
+                        if plain[i]
+                        else self._sample(s, logits[i : i + 1])
+                    )
+                    for i, s in enumerate(seqs)
+                ]
+                tokens = mx.concatenate([p[0] for p in pairs])
+                rows = [p[1] for p in pairs]
             mx.eval(tokens, rows)
         out = []
         for uid, seq, token, row in zip(self._uids, seqs, tokens.tolist(), rows):

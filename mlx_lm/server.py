@@ -654,9 +654,15 @@ class ModelServer:
                 gen = BatchGenerator(self.model, self.max_batch_size, self.args.prefill_step_size)
                 continue
             for r in responses:
-                slot = slots[r.uid]
-                if slot.out.finish_reason is None and not slot.request.cancelled.is_set():
-                    slot.feed(r.token, r.logprobs, eos)
+                slot = slots.get(r.uid)
+                if slot is None or slot.out.finish_reason is not None:
+                    continue
+                if not slot.request.cancelled.is_set():
+                    try:
+                        slot.feed(r.token, r.logprobs, eos)
+                    except Exception as e:  # this request fails; the others go on
+                        slot.request.cancelled.set()
+                        self._fail(slot.request, e)
             for uid in list(slots):
                 slot = slots[uid]
                 if slot.out.finish_reason is not None or slot.request.cancelled.is_set():
@@ -682,9 +688,11 @@ class ModelServer:
 
     def _admit(self, gen: BatchGenerator, slots: dict, request, eos):
         tokens, cache, cached, max_tokens = self._prepare(request)
-        sampler = make_sampler(
-            request.temperature, request.top_p, request.min_p, top_k=request.top_k
-        )
+        sampler = None  # greedy: one argmax for every greedy request of the batch
+        if request.temperature > 0:
+            sampler = make_sampler(
+                request.temperature, request.top_p, request.min_p, top_k=request.top_k
+            )
         processors = make_logits_processors(request.logit_bias, request.repetition_penalty)
         request.events.put(("start", {"prompt_tokens": len(tokens), "cached_tokens": cached}))
         first = gen.insert(tokens[cached:], cache, sampler, processors, seed=request.seed)
@@ -712,6 +720,8 @@ class ModelServer:
             self._store(slot.tokens + slot.generated, cache)
             if not slot.request.cancelled.is_set():
                 self._send_done(slot.request, slot.tokens, slot.generated, slot.cached, slot.out)
+        except Exception as e:
+            self._fail(slot.request, e)
         finally:
             self._done()
 

@@ -706,7 +706,11 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _BaseCache):
 
     @property
     def offset(self) -> mx.array:
-        return mx.array(self.lengths, dtype=mx.int32)
+        # Read by every layer's RoPE: made once per step, not once per call.
+        key = (self._filled, tuple(self._pad))
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key, self._offset = key, mx.array(self.lengths, dtype=mx.int32)
+        return self._offset
 
     @property
     def batch_size(self) -> int:
