@@ -494,16 +494,16 @@ def test_one_at_a_time_server(tiny_model_dir):
         server.stop()
 
 
-def test_uncombinable_caches_are_served_one_at_a_time(tiny_model_dir):
-    from mlx_lm import load
+def test_uncombinable_caches_are_served_one_at_a_time():
+    from conftest import make_tiny_model
+
     from mlx_lm.server import ModelServer, setup_arg_parser
 
-    model, tokenizer = load(tiny_model_dir)
-    config = {"vocab_size": 300}
+    model = make_tiny_model("llama", head_dim=32)
 
     def server(*flags):
-        args = setup_arg_parser().parse_args(["--model", tiny_model_dir, *flags])
-        return ModelServer(model, tokenizer, config, args)
+        args = setup_arg_parser().parse_args(["--model", "tiny", *flags])
+        return ModelServer(model, None, {"vocab_size": 128}, args)
 
     assert server().max_batch_size == 8
     assert server("--turbo-kv-bits", "3", "--max-batch-size", "4").max_batch_size == 4
