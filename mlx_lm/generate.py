@@ -433,6 +433,7 @@ class BatchGenerator:
         self._uids: List[int] = []
         self._seqs = {}
         self._next_uid = 0
+        self._steps = 0
 
     def __len__(self) -> int:
         return len(self._uids)
@@ -550,6 +551,9 @@ class BatchGenerator:
                 tokens = mx.concatenate([p[0] for p in pairs])
                 rows = [p[1] for p in pairs]
             mx.eval(tokens, rows)
+        self._steps += 1
+        if self._steps % 256 == 0:
+            mx.clear_cache()  # as generate_step: return freed buffers now and then
         out = []
         for uid, seq, token, row in zip(self._uids, seqs, tokens.tolist(), rows):
             seq.next_token = token
