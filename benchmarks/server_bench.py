@@ -10,7 +10,7 @@ the RSS growth (the issue's target: under 5% over a 10-minute soak).
 
     python benchmarks/server_bench.py --model $(python -m mlx_lm.sample_models smollm2) \\
         --dequantize --configs fp16 tq3 --clients 1 4 8 --max-tokens 32 \\
-        --output bench_out/server.md
+        --max-batch-size 1 8 --output bench_out/server.md
 
 On Linux CPUs set LD_PRELOAD to OpenBLAS (the server subprocess inherits it; see
 README): MLX's bundled BLAS is about 70x slower.
@@ -179,6 +179,13 @@ def main():
         help="Most conversations sent by the fill test; when the budget is not reached "
         "by then, the capacity is computed from the measured bytes per conversation.",
     )
+    p.add_argument(
+        "--max-batch-size",
+        nargs="+",
+        type=int,
+        default=[8],
+        help="The server's --max-batch-size values to compare (1: one request at a time).",
+    )
     p.add_argument("--soak-seconds", type=float, default=0)
     p.add_argument("--output", default=None, help="Also write the markdown table here.")
     args = p.parse_args()
@@ -190,23 +197,25 @@ def main():
     for name in args.configs:
         extra = CONFIGS[name] + (["--dequantize"] if args.dequantize else [])
         extra += ["--prompt-cache-size", "1000", "--prompt-cache-bytes", str(budget)]
-        server = Server(args.model, extra)
-        try:
-            stream_chat(server, "Hello!", 4)  # warm-up
-            rss0 = server.rss_mb()
-            for n in args.clients:
-                r = run_clients(server, n, args.max_tokens, args.rounds)
-                rows.append((name, n, r, rss0, server.rss_mb()))
-                print(name, n, r, flush=True)
-            if args.soak_seconds > 0:
-                before = server.rss_mb()
-                end = time.time() + args.soak_seconds
-                while time.time() < end:
-                    run_clients(server, 4, args.max_tokens)
-                after = server.rss_mb()
-                soak_rows.append((name, args.soak_seconds, before, after))
-        finally:
-            server.stop()
+        for mbs in args.max_batch_size:
+            server = Server(args.model, extra + ["--max-batch-size", str(mbs)])
+            try:
+                stream_chat(server, "Hello!", 4)  # warm-up
+                rss0 = server.rss_mb()
+                for n in args.clients:
+                    r = run_clients(server, n, args.max_tokens, args.rounds)
+                    r["peak_batch"] = server.health().get("peak_batch", 1)
+                    rows.append((name, mbs, n, r, rss0, server.rss_mb()))
+                    print(name, mbs, n, r, flush=True)
+                if args.soak_seconds > 0:
+                    before = server.rss_mb()
+                    end = time.time() + args.soak_seconds
+                    while time.time() < end:
+                        run_clients(server, 4, args.max_tokens)
+                    after = server.rss_mb()
+                    soak_rows.append((f"{name}, batch {mbs}", args.soak_seconds, before, after))
+            finally:
+                server.stop()
         if args.max_fill > 0:
             # A fresh server: its prompt cache holds only the fill test's conversations.
             server = Server(args.model, extra)
@@ -223,17 +232,20 @@ def main():
     lines = [
         f"Model: {os.path.basename(args.model)}{' (dequantized)' if args.dequantize else ''}; "
         f"{len(REQUESTS)} chat requests per client per round, max_tokens {args.max_tokens}, "
-        "greedy; requests are served one at a time (FIFO queue, no batching yet). "
+        "greedy. 'max batch' is the server's --max-batch-size (1: one request at a time "
+        "from the FIFO queue; more: continuous batching) and 'peak' the most requests it "
+        "decoded together so far (/health). "
         "'fp16' is the uncompressed cache in the model's dtype (float32 with --dequantize).",
         "",
-        "| KV cache | clients | requests | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) "
-        "| RSS before (MB) | RSS after (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| KV cache | max batch | clients | requests | aggregate tok/s | TTFT p50 (s) "
+        "| TTFT p95 (s) | peak | RSS before (MB) | RSS after (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, n, r, rss0, rss1 in rows:
+    for name, mbs, n, r, rss0, rss1 in rows:
         lines.append(
-            f"| {name} | {n} | {r['requests']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} "
-            f"| {r['ttft_p95']:.2f} | {rss0:.0f} | {rss1:.0f} |"
+            f"| {name} | {mbs} | {n} | {r['requests']} | {r['tok_s']:.1f} "
+            f"| {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {r['peak_batch']} | {rss0:.0f} "
+            f"| {rss1:.0f} |"
         )
     lines += [
         "",

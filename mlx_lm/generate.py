@@ -366,6 +366,219 @@ def generate(
 
 
 # ----------------------------------------------------------------------------
+# Continuous batching
+
+DEFAULT_MAX_BATCH_SIZE = 8
+
+
+@dataclass
+class BatchResponse:
+    """One token of one sequence of a `BatchGenerator`: its uid, the token and the
+    log-probabilities [V] it was sampled from."""
+
+    uid: int
+    token: int
+    logprobs: mx.array
+
+
+@dataclass
+class _Sequence:
+    sampler: Optional[Callable]  # None: greedy
+    processors: List[Callable]
+    history: Optional[mx.array]
+    key: Optional[mx.array]
+    next_token: int = 0
+
+
+class BatchGenerator:
+    """Decode several sequences together, one batched forward pass per step, with
+    sequences joining and leaving between steps (continuous batching).
+
+    `insert` prefills a new sequence alone, in its own per-request cache (which may
+    already hold a prefix of it, e.g. from a prompt-cache store), samples its first
+    token and merges the cache into the running batch (`BatchKVCache` /
+    `BatchTurboQuantKVCache` layers, left-padded, per-sequence offsets). `step` feeds
+    every sequence's last token and returns the next one of each. `remove` takes a
+    sequence out and returns its cache as a per-request cache holding its prompt and
+    every token fed so far. Stop conditions are the caller's: it removes a sequence when
+    done.
+
+    Each sequence keeps its own sampler, logits processors (with its own token history,
+    as in `generate_step`) and, with a `seed`, its own PRNG key: a seeded sequence
+    samples the same tokens whatever else is in the batch. Every layer must be a plain
+    `KVCache` or `TurboQuantKVCache` (`models.cache.can_batch`).
+
+    Args:
+        model: the model.
+        max_batch_size: most sequences decoded together; `insert` refuses more.
+        prefill_step_size: tokens per prefill chunk of a new sequence.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        prefill_step_size: int = 2048,
+    ):
+        for name, v in (
+            ("max_batch_size", max_batch_size),
+            ("prefill_step_size", prefill_step_size),
+        ):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.prefill_step_size = prefill_step_size
+        self._cache: Optional[List[Any]] = None
+        self._uids: List[int] = []
+        self._seqs = {}
+        self._next_uid = 0
+        self._steps = 0
+
+    def __len__(self) -> int:
+        return len(self._uids)
+
+    @property
+    def uids(self) -> List[int]:
+        return list(self._uids)
+
+    def insert(
+        self,
+        prompt: Union[List[int], mx.array],
+        prompt_cache: Optional[List[Any]] = None,
+        sampler: Optional[Callable] = None,
+        logits_processors: Optional[List[Callable]] = None,
+        seed: Optional[int] = None,
+    ) -> BatchResponse:
+        """Prefill `prompt` (the tokens not yet in `prompt_cache`, at least one) and add
+        the sequence to the batch. Returns its first generated token (with its uid).
+
+        `sampler` maps log-probabilities [1, V] to a token (`make_sampler`; None: greedy,
+        and greedy sequences share one argmax per step); with `seed` it is called with
+        a `key=` argument, the sequence's own PRNG key."""
+        if len(self) >= self.max_batch_size:
+            raise ValueError(
+                f"The batch is full ({self.max_batch_size} sequences): remove one first or "
+                "raise max_batch_size."
+            )
+        prompt = mx.array(prompt, dtype=mx.uint32) if not isinstance(prompt, mx.array) else prompt
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise ValueError("The prompt must be a non-empty 1-D list of token ids.")
+        if prompt_cache is None:
+            prompt_cache = cache_module.make_prompt_cache(self.model)
+        if len(prompt_cache) != len(self.model.layers):
+            raise ValueError(
+                f"The prompt cache has {len(prompt_cache)} layers but the model has "
+                f"{len(self.model.layers)}: it was made for another model."
+            )
+        if not cache_module.can_batch(prompt_cache):
+            kinds = sorted({type(c).__name__ for c in prompt_cache})
+            raise ValueError(
+                f"This cache ({', '.join(kinds)}) cannot be batched: continuous batching takes "
+                "KVCache and TurboQuantKVCache layers only. Drop --max-kv-size / --kv-bits, "
+                "or generate one request at a time (generate_step)."
+            )
+        seq = _Sequence(
+            sampler=sampler,
+            processors=list(logits_processors or []),
+            history=prompt if logits_processors else None,
+            key=None if seed is None else mx.random.key(seed),
+        )
+        with mx.stream(generation_stream):
+            processed, total = 0, prompt.size
+            while total - processed > 1:
+                n = min(self.prefill_step_size, total - processed - 1)
+                self.model(prompt[processed : processed + n][None], cache=prompt_cache)
+                mx.eval([c.state for c in prompt_cache])
+                processed += n
+                mx.clear_cache()
+            logits = self.model(prompt[processed:][None], cache=prompt_cache)[:, -1, :]
+            token, logprobs = self._sample(seq, logits)
+            merged = cache_module.merge_caches([prompt_cache])
+            if self._cache is None:
+                self._cache = merged
+            else:
+                for running, new in zip(self._cache, merged):
+                    running.extend(new)
+            mx.eval(token, logprobs, [c.state for c in self._cache])
+        uid = self._next_uid
+        self._next_uid += 1
+        seq.next_token = token.item()
+        self._seqs[uid] = seq
+        self._uids.append(uid)
+        return BatchResponse(uid, seq.next_token, logprobs[0])
+
+    def _sample(self, seq: _Sequence, logits: mx.array):
+        """(token [1], logprobs [1, V]) of one sequence's logits [1, V]."""
+        for processor in seq.processors:
+            logits = processor(seq.history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if seq.sampler is None:
+            token = mx.argmax(logprobs, axis=-1)
+        elif seq.key is not None:
+            seq.key, key = mx.random.split(seq.key)
+            token = seq.sampler(logprobs, key=key)
+        else:
+            token = seq.sampler(logprobs)
+        if seq.processors:
+            seq.history = mx.concatenate([seq.history, token.reshape(-1)])
+        return token.reshape(-1), logprobs
+
+    def step(self) -> List[BatchResponse]:
+        """One decode step of every sequence: the next token of each, in batch order."""
+        if not self._uids:
+            return []
+        seqs = [self._seqs[u] for u in self._uids]
+        with mx.stream(generation_stream):
+            inputs = mx.array([[s.next_token] for s in seqs], dtype=mx.uint32)
+            logits = self.model(inputs, cache=self._cache)[:, -1, :]
+            # Greedy rows without logits processors share one argmax over the batch;
+            # the others are sampled row by row (own sampler, processors, PRNG key).
+            plain = [s.sampler is None and not s.processors for s in seqs]
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            greedy = mx.argmax(logprobs, axis=-1)
+            if all(plain):
+                tokens, rows = greedy, [logprobs[i : i + 1] for i in range(len(seqs))]
+            else:
+                pairs = [
+                    (
+                        (greedy[i : i + 1], logprobs[i : i + 1])
+                        if plain[i]
+                        else self._sample(s, logits[i : i + 1])
+                    )
+                    for i, s in enumerate(seqs)
+                ]
+                tokens = mx.concatenate([p[0] for p in pairs])
+                rows = [p[1] for p in pairs]
+            mx.eval(tokens, rows)
+        self._steps += 1
+        if self._steps % 256 == 0:
+            mx.clear_cache()  # as generate_step: return freed buffers now and then
+        out = []
+        for uid, seq, token, row in zip(self._uids, seqs, tokens.tolist(), rows):
+            seq.next_token = token
+            out.append(BatchResponse(uid, token, row[0]))
+        return out
+
+    def remove(self, uid: int) -> List[Any]:
+        """Take sequence `uid` out of the batch; returns its per-request cache (prompt and
+        every token fed so far; the last sampled token is not in it yet)."""
+        if uid not in self._seqs:
+            raise ValueError(f"No sequence {uid} in this batch (have {self._uids}).")
+        i = self._uids.index(uid)
+        cache = [c.extract(i) for c in self._cache]
+        keep = [j for j in range(len(self._uids)) if j != i]
+        if keep:
+            for c in self._cache:
+                c.filter(keep)
+        else:
+            self._cache = None
+        del self._seqs[uid]
+        self._uids.pop(i)
+        return cache
+
+
+# ----------------------------------------------------------------------------
 # Command line
 
 

@@ -72,7 +72,9 @@ def make_sampler(
     ``categorical(logprobs / temp)``.
 
     Returns:
-        ``sampler(logprobs: mx.array) -> mx.array`` of token ids (last axis reduced).
+        ``sampler(logprobs: mx.array, key=None) -> mx.array`` of token ids (last axis
+        reduced); ``key`` is an optional PRNG key for the categorical draw (per-request
+        seeds in a batch), else MLX's global random state is used.
     """
     _check_range("temp", temp, 0.0, math.inf, "use 0 for greedy decoding.")
     _check_range("top_p", top_p, 0.0, 1.0, "use 0 (or 1) to disable nucleus sampling.")
@@ -86,7 +88,7 @@ def make_sampler(
         _check_int("xtc_special_tokens entries", t, 0, "token ids are non-negative.")
 
     if temp == 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return lambda logprobs, key=None: mx.argmax(logprobs, axis=-1)
 
     filters = []
     if top_k > 0:
@@ -98,9 +100,11 @@ def make_sampler(
     if xtc_probability > 0.0:
         filters.append(lambda x: apply_xtc(x, xtc_probability, xtc_threshold, xtc_special_tokens))
 
-    def sampler(logprobs: mx.array) -> mx.array:
+    def sampler(logprobs: mx.array, key: Optional[mx.array] = None) -> mx.array:
         for f in filters:
             logprobs = f(logprobs)
+        if key is not None:  # an explicit key: the global random state is left alone
+            return mx.random.categorical(logprobs * (1 / temp), key=key)
         return categorical_sampling(logprobs, temp)
 
     return sampler

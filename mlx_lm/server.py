@@ -7,8 +7,19 @@ Built on the standard library's `ThreadingHTTPServer` (no new dependency): one t
 per connection parses and validates requests and writes responses, while one generation
 worker owns the model and the tokenizer. The worker is the main thread, the one that
 loaded the model: MLX streams belong to a thread, and arrays made on one cannot be
-evaluated on another. Requests wait in a FIFO queue for the worker: concurrent clients
-get correct, independent streams, served one at a time (no batched decoding yet).
+evaluated on another. Requests wait in a FIFO queue for the worker.
+
+Continuous batching (`--max-batch-size`, default 8): between decode steps the worker
+takes queued requests, prefills each alone on its own prompt cache (so prompt-cache
+reuse stays per request), merges that cache into the running batch (`BatchKVCache` /
+`BatchTurboQuantKVCache`: left-padded, per-sequence offsets and TurboQuant key-mean
+segments) and decodes every request in one forward pass per token. A request leaves the
+batch when it ends, fails or its client disconnects; its cache is extracted back into a
+per-request cache for the store. Each request keeps its own sampler, stop strings,
+logprobs and PRNG key (a seeded request samples the same tokens whatever it is batched
+with). Caches that cannot be merged (`--max-kv-size` and sliding-window layers,
+`--kv-bits`, recurrent layers) are served one request at a time, as with
+`--max-batch-size 1`.
 
 Prompt caches of recent conversations are kept in an LRU bounded by count and by the
 caches' true `nbytes`; a request reuses the longest common token prefix of a stored
@@ -34,6 +45,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import mlx.core as mx
 
 from .generate import (
+    DEFAULT_MAX_BATCH_SIZE,
+    BatchGenerator,
     _encode_prompt,
     add_kv_args,
     add_model_args,
@@ -467,6 +480,67 @@ def _stop_hold(text: str, stops: List[str]) -> int:
     return hold
 
 
+class _TextStream:
+    """One request's output: text pieces in, deltas (stop strings cut, never emitted;
+    text that may grow into a stop string held back) and logprob entries out."""
+
+    def __init__(self, request: "GenerationRequest", server: "ModelServer"):
+        self.request, self.server = request, server
+        self.text, self.sent, self.pending = "", 0, []
+        self.max_stop = max((len(s) for s in request.stop), default=0)
+        self.finish_reason = None
+
+    def push(self, piece: str, token: int, logprobs: mx.array, finish_reason=None):
+        """Add one token's text (`finish_reason` "stop" for EOS, "length" for the last
+        token); returns the finish reason once the request is done, else None."""
+        request, stops = self.request, self.request.stop
+        if request.logprobs and finish_reason != "stop":
+            self.pending.append(self.server._token_logprobs(token, logprobs, request.top_logprobs))
+        self.text += piece
+        text, cut = self.text, len(self.text)
+        if stops:
+            since = max(0, self.sent - self.max_stop)
+            hits = [p for p in (text.find(s, since) for s in stops) if p >= 0]
+            if hits:
+                cut, self.finish_reason = min(hits), "stop"
+            elif finish_reason is None:
+                cut = len(text) - _stop_hold(text, stops)
+        if cut > self.sent or self.pending:
+            request.events.put(("delta", text[self.sent : cut], self.pending))
+            self.sent, self.pending = max(self.sent, cut), []
+        if self.finish_reason is None:
+            self.finish_reason = finish_reason
+        return self.finish_reason
+
+
+@dataclass
+class _Slot:
+    """A request being decoded in the continuous batch."""
+
+    request: "GenerationRequest"
+    tokens: List[int]
+    cached: int
+    max_tokens: int
+    out: _TextStream
+    detokenizer: Any
+    generated: List[int] = field(default_factory=list)
+
+    def feed(self, token: int, logprobs: mx.array, eos) -> Optional[str]:
+        """One generated token, with `stream_generate`'s rules: EOS ends the request
+        ("stop", its text not emitted), the max_tokens-th token ends it ("length")."""
+        self.generated.append(token)
+        finish = None
+        if token in eos:
+            finish = "stop"
+        else:
+            self.detokenizer.add_token(token)
+            if len(self.generated) == self.max_tokens:
+                finish = "length"
+        if finish is not None:
+            self.detokenizer.finalize()
+        return self.out.push(self.detokenizer.last_segment, token, logprobs, finish)
+
+
 class ModelServer:
     """The model, its tokenizer, the prompt-cache store and the worker that owns them."""
 
@@ -483,6 +557,19 @@ class ModelServer:
         self.requests: "queue.Queue[Optional[GenerationRequest]]" = queue.Queue()
         self.active = 0  # requests queued or running
         self._active_lock = threading.Lock()
+        # Continuous batching needs caches that can be merged: plain KVCache and
+        # TurboQuantKVCache layers. Rotating (--max-kv-size, sliding windows), affine
+        # (--kv-bits, quantized after --quantized-kv-start) and recurrent caches are
+        # served one request at a time.
+        max_batch = getattr(args, "max_batch_size", DEFAULT_MAX_BATCH_SIZE)
+        self.max_batch_size = max_batch if self._batchable() else 1
+        self.batching = self.max_batch_size > 1
+        self.peak_batch = 0  # most requests decoded together so far
+
+    def _batchable(self) -> bool:
+        if self.args.kv_bits is not None or self.args.max_kv_size is not None:
+            return False
+        return cache_module.can_batch(self._new_cache())
 
     # -- called from HTTP threads --
 
@@ -496,33 +583,157 @@ class ModelServer:
             "status": "ok",
             "model": self.model_id,
             "active_requests": self.active,
+            "max_batch_size": self.max_batch_size,
+            "peak_batch": self.peak_batch,
             "prompt_cache": self.prompt_cache.stats(),
         }
 
     # -- the worker thread --
 
+    def _done(self):
+        with self._active_lock:
+            self.active -= 1
+
+    @staticmethod
+    def _fail(request: "GenerationRequest", e: Exception):
+        if not isinstance(e, RequestError):
+            e = RequestError(f"Generation failed: {e}", None, None, 500, "server_error")
+        request.events.put(("error", e))
+
     def run(self):
         """The generation loop. Run it on the thread that loaded the model: MLX streams
         belong to a thread, and arrays made on one cannot be evaluated on another."""
+        if self.batching:
+            return self._run_batched()
         while True:
             request = self.requests.get()
             if request is None:
                 return
             try:
                 if not request.cancelled.is_set():
+                    self.peak_batch = 1
                     self._generate(request)
-            except RequestError as e:
-                request.events.put(("error", e))
             except Exception as e:  # never let one request kill the worker
-                request.events.put(
-                    (
-                        "error",
-                        RequestError(f"Generation failed: {e}", None, None, 500, "server_error"),
-                    )
-                )
+                self._fail(request, e)
             finally:
-                with self._active_lock:
-                    self.active -= 1
+                self._done()
+
+    def _run_batched(self):
+        """Continuous batching: between decode steps, queued requests are prefilled (each
+        alone, on its own prompt cache) and join the batch; finished, failed and
+        disconnected ones leave it, their caches going to the prompt-cache store."""
+        gen = BatchGenerator(self.model, self.max_batch_size, self.args.prefill_step_size)
+        slots: Dict[int, _Slot] = {}
+        eos = self.tokenizer.eos_token_ids
+        while True:
+            while len(gen) < self.max_batch_size:
+                try:
+                    request = self.requests.get(block=len(gen) == 0)
+                except queue.Empty:
+                    break
+                if request is None:
+                    return
+                try:
+                    if request.cancelled.is_set():
+                        self._done()
+                        continue
+                    self._admit(gen, slots, request, eos)
+                except Exception as e:
+                    self._fail(request, e)
+                    self._done()
+            if len(gen) == 0:
+                continue
+            self.peak_batch = max(self.peak_batch, len(gen))
+            try:
+                responses = gen.step()
+            except Exception as e:  # the batch is lost: fail every request in it
+                for uid, slot in slots.items():
+                    self._fail(slot.request, e)
+                    self._done()
+                slots.clear()
+                gen = BatchGenerator(self.model, self.max_batch_size, self.args.prefill_step_size)
+                continue
+            for r in responses:
+                slot = slots.get(r.uid)
+                if slot is None or slot.out.finish_reason is not None:
+                    continue
+                if not slot.request.cancelled.is_set():
+                    try:
+                        slot.feed(r.token, r.logprobs, eos)
+                    except Exception as e:  # this request fails; the others go on
+                        slot.request.cancelled.set()
+                        self._fail(slot.request, e)
+            for uid in list(slots):
+                slot = slots[uid]
+                if slot.out.finish_reason is not None or slot.request.cancelled.is_set():
+                    self._finish(gen, slots.pop(uid), uid)
+
+    def _prepare(self, request: "GenerationRequest"):
+        """(prompt tokens, cache, cached tokens, completion limit) of a request."""
+        tokens = self._tokenize(request)
+        if len(tokens) == 0:
+            raise RequestError("The prompt is empty after tokenization.", "prompt", "empty")
+        if len(tokens) >= self.max_context:
+            raise RequestError(
+                f"The prompt has {len(tokens)} tokens but the context limit is "
+                f"{self.max_context} (--max-context); shorten it.",
+                "messages" if request.kind == "chat" else "prompt",
+                "context_length_exceeded",
+            )
+        max_tokens = min(request.max_tokens, self.max_context - len(tokens))
+        cache, cached = self.prompt_cache.fetch(tokens)
+        if cache is None:
+            cache = self._new_cache()
+        return tokens, cache, cached, max_tokens
+
+    def _admit(self, gen: BatchGenerator, slots: dict, request, eos):
+        tokens, cache, cached, max_tokens = self._prepare(request)
+        sampler = None  # greedy: one argmax for every greedy request of the batch
+        if request.temperature > 0:
+            sampler = make_sampler(
+                request.temperature, request.top_p, request.min_p, top_k=request.top_k
+            )
+        processors = make_logits_processors(request.logit_bias, request.repetition_penalty)
+        request.events.put(("start", {"prompt_tokens": len(tokens), "cached_tokens": cached}))
+        first = gen.insert(tokens[cached:], cache, sampler, processors, seed=request.seed)
+        slot = _Slot(
+            request,
+            tokens,
+            cached,
+            max_tokens,
+            _TextStream(request, self),
+            self.tokenizer.detokenizer,
+        )
+        try:
+            slot.feed(first.token, first.logprobs, eos)
+        except Exception:
+            gen.remove(first.uid)
+            raise
+        slots[first.uid] = slot
+        if slot.out.finish_reason is not None:
+            self._finish(gen, slots.pop(first.uid), first.uid)
+
+    def _finish(self, gen: BatchGenerator, slot: _Slot, uid: int):
+        """Take a request out of the batch, keep its cache, send its end."""
+        try:
+            cache = gen.remove(uid)
+            self._store(slot.tokens + slot.generated, cache)
+            if not slot.request.cancelled.is_set():
+                self._send_done(slot.request, slot.tokens, slot.generated, slot.cached, slot.out)
+        except Exception as e:
+            self._fail(slot.request, e)
+        finally:
+            self._done()
+
+    @staticmethod
+    def _send_done(request, tokens, generated, cached, out: _TextStream):
+        usage = {
+            "prompt_tokens": len(tokens),
+            "completion_tokens": len(generated),
+            "total_tokens": len(tokens) + len(generated),
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+        request.events.put(("done", out.finish_reason or "length", usage))
 
     def _new_cache(self) -> List[Any]:
         return cache_module.make_prompt_cache(
@@ -561,23 +772,9 @@ class ModelServer:
         return entry
 
     def _generate(self, request: GenerationRequest):
+        """One request alone (caches that cannot be batched), through `stream_generate`."""
         args = self.args
-        tokens = self._tokenize(request)
-        if len(tokens) == 0:
-            raise RequestError("The prompt is empty after tokenization.", "prompt", "empty")
-        if len(tokens) >= self.max_context:
-            raise RequestError(
-                f"The prompt has {len(tokens)} tokens but the context limit is "
-                f"{self.max_context} (--max-context); shorten it.",
-                "messages" if request.kind == "chat" else "prompt",
-                "context_length_exceeded",
-            )
-        max_tokens = min(request.max_tokens, self.max_context - len(tokens))
-
-        cache, cached = self.prompt_cache.fetch(tokens)
-        start = cached
-        if cache is None:
-            cache = self._new_cache()
+        tokens, cache, cached, max_tokens = self._prepare(request)
         if request.seed is not None:
             mx.random.seed(request.seed)
         sampler = make_sampler(
@@ -587,15 +784,11 @@ class ModelServer:
         request.events.put(("start", {"prompt_tokens": len(tokens), "cached_tokens": cached}))
 
         generated: List[int] = []
-        text, sent = "", 0
-        pending_logprobs: List[dict] = []
-        finish_reason = None
-        stops = request.stop
-        max_stop = max((len(s) for s in stops), default=0)
+        out = _TextStream(request, self)
         steps = stream_generate(
             self.model,
             self.tokenizer,
-            mx.array(tokens[start:], dtype=mx.uint32),
+            mx.array(tokens[cached:], dtype=mx.uint32),
             max_tokens=max_tokens,
             sampler=sampler,
             logits_processors=processors,
@@ -605,49 +798,24 @@ class ModelServer:
             kv_group_size=args.kv_group_size,
             quantized_kv_start=args.quantized_kv_start,
         )
+        cancelled = False
         try:
             for response in steps:
                 if request.cancelled.is_set():
-                    finish_reason = "cancelled"
+                    cancelled = True
                     break
                 generated.append(response.token)
-                is_eos = response.finish_reason == "stop"
-                if request.logprobs and not is_eos:
-                    pending_logprobs.append(
-                        self._token_logprobs(
-                            response.token, response.logprobs, request.top_logprobs
-                        )
-                    )
-                text += response.text
-                cut = len(text)
-                if stops:
-                    since = max(0, sent - max_stop)
-                    hits = [p for p in (text.find(s, since) for s in stops) if p >= 0]
-                    if hits:
-                        cut, finish_reason = min(hits), "stop"
-                    elif response.finish_reason is None:
-                        cut = len(text) - _stop_hold(text, stops)
-                if cut > sent or pending_logprobs:
-                    request.events.put(("delta", text[sent:cut], pending_logprobs))
-                    sent, pending_logprobs = max(sent, cut), []
-                if finish_reason is None:
-                    finish_reason = response.finish_reason
-                if finish_reason is not None:
+                if out.push(
+                    response.text, response.token, response.logprobs, response.finish_reason
+                ):
                     break
         finally:
             steps.close()
         # The cache holds the prompt and every token generated (generation runs a step
         # ahead); keep it for the next turn of this conversation.
         self._store(tokens + generated, cache)
-        if finish_reason == "cancelled":
-            return
-        usage = {
-            "prompt_tokens": len(tokens),
-            "completion_tokens": len(generated),
-            "total_tokens": len(tokens) + len(generated),
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
-        request.events.put(("done", finish_reason or "length", usage))
+        if not cancelled:
+            self._send_done(request, tokens, generated, cached, out)
 
     def _store(self, tokens: List[int], cache: List[Any]):
         if self.prompt_cache.max_entries <= 0:
@@ -933,6 +1101,14 @@ def setup_arg_parser():
     parser.add_argument(
         "--prefill-step-size", type=int, default=2048, help="Prefill chunk size in tokens."
     )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help="Most requests decoded together (continuous batching; 1: one at a time). "
+        "Caches that cannot be batched (--max-kv-size, --kv-bits, sliding-window or "
+        f"recurrent layers) are always served one at a time. Default {DEFAULT_MAX_BATCH_SIZE}.",
+    )
     parser.add_argument("--log-requests", action="store_true", help="Log every HTTP request.")
     return parser
 
@@ -949,6 +1125,8 @@ def main(argv: Optional[List[str]] = None):
         parser.error(f"--max-context must be >= 2 (got {args.max_context}).")
     if args.prefill_step_size < 1:
         parser.error(f"--prefill-step-size must be >= 1 (got {args.prefill_step_size}).")
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size must be >= 1 (got {args.max_batch_size}).")
     if not 0 <= args.port < 65536:
         parser.error(f"--port must be in [0, 65535] (got {args.port}).")
 
@@ -965,7 +1143,12 @@ def main(argv: Optional[List[str]] = None):
         fail(f"Cannot listen on {args.host}:{args.port}: {e}")
     host, port = httpd.server_address[:2]
     print(
-        f"mlx_lm.server: serving {app.model_id} on http://{host}:{port}",
+        f"mlx_lm.server: serving {app.model_id} on http://{host}:{port} "
+        + (
+            f"(continuous batching, up to {app.max_batch_size} requests)"
+            if app.batching
+            else "(one request at a time)"
+        ),
         file=sys.stderr,
         flush=True,
     )

@@ -389,21 +389,127 @@ def test_disconnect_stops_generation(tiny_server):
     assert after.usage.prompt_tokens_details.cached_tokens > 0
 
 
-def test_concurrent_clients_get_independent_streams(tiny_server):
-    client = tiny_server.client()
-    prompts = ["hello", "world", "café", "Paris"]
-    solo = [chat(client, p, max_tokens=10).choices[0].message.content for p in prompts]
-    results = [None] * len(prompts)
+def concurrently(*calls):
+    """Run the calls in threads started together; their results in order."""
+    results = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
 
     def run(i):
-        results[i] = stream_text(chat(client, prompts[i], max_tokens=10, stream=True))[0]
+        barrier.wait()
+        results[i] = calls[i]()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(120)
+    return results
+
+
+def test_concurrent_clients_get_independent_streams(tiny_server):
+    client = tiny_server.client()
+    prompts = ["hello", "world", "café", "Paris"]
+    # EOS banned: long enough generations that the four overlap in the batch.
+    kw = dict(max_tokens=150, logit_bias={"1": -100})
+    solo = [chat(client, p, **kw).choices[0].message.content for p in prompts]
+    results = concurrently(
+        *[lambda p=p: stream_text(chat(client, p, stream=True, **kw))[0] for p in prompts]
+    )
     assert results == solo
+    health = tiny_server.get("/health")[1]
+    assert health["max_batch_size"] == 8 and health["peak_batch"] >= 2
+
+
+@pytest.fixture(scope="module")
+def tiny_tq_server(tiny_model_dir):
+    """TurboQuant 3-bit, at most 3 requests per batch, no prompt-cache reuse (each
+    request computed from scratch, so sequential and concurrent runs are comparable)."""
+    flags = ["--model", tiny_model_dir, "--alias", "tiny", "--turbo-kv-bits", "3"]
+    server = Server(*flags, "--max-batch-size", "3", "--prompt-cache-size", "0")
+    server.wait()
+    yield server
+    server.stop()
+
+
+def test_turboquant_batch_equals_sequential_runs(tiny_tq_server):
+    """Four streaming clients against a batch of at most three (the fourth joins when one
+    leaves), prompts of different lengths whose decoding crosses TurboQuant's key-mean
+    segment start at position 32, greedy and seeded sampling, stop strings, logprobs:
+    each gets what it gets when it runs alone."""
+    client = tiny_tq_server.client()
+    long = "The capital of France is Paris. " * 3
+    jobs = [
+        dict(content="hello", max_tokens=60, logit_bias={"1": -100}),
+        dict(content=long, max_tokens=40, temperature=0.9, seed=11),
+        dict(content="naïve café", max_tokens=50, temperature=1.2, seed=5, top_p=0.9),
+        dict(content="world", max_tokens=45, logprobs=True, top_logprobs=2),
+    ]
+
+    def run(job, stream=True):
+        job = dict(job)
+        content = job.pop("content")
+        if not stream:
+            r = chat(client, content, **job)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+        return stream_text(chat(client, content, stream=True, **job))
+
+    solo = [run(j, stream=False) for j in jobs]
+    # A stop string taken from the second request's own output: cut there in the batch.
+    stop = solo[1][0][8:11]
+    jobs[1]["stop"] = [stop]
+    expected_stop = solo[1][0][: solo[1][0].find(stop)]
+    got = concurrently(*[lambda j=j: run(j) for j in jobs])
+    for i, ((text, finish, _), (want, want_finish, usage)) in enumerate(zip(got, solo)):
+        if i == 1:
+            assert (text, finish) == (expected_stop, "stop")
+        else:
+            assert (text, finish) == (want, want_finish), i
+    assert solo[0][2].completion_tokens == 60
+    health = tiny_tq_server.get("/health")[1]
+    assert health["max_batch_size"] == 3 and health["peak_batch"] == 3
+
+
+def test_one_at_a_time_server(tiny_model_dir):
+    """--max-kv-size (a rotating cache, which cannot be batched): requests are served one
+    after another, concurrent streams still equal sequential runs, stop strings hold."""
+    server = Server("--model", tiny_model_dir, "--alias", "tiny", "--max-kv-size", "64")
+    try:
+        server.wait()
+        health = server.get("/health")[1]
+        assert health["max_batch_size"] == 1
+        client = server.client()
+        prompts = ["hello", "world", "café"]
+        kw = dict(max_tokens=40, logit_bias={"1": -100})
+        solo = [chat(client, p, **kw).choices[0].message.content for p in prompts]
+        got = concurrently(
+            *[lambda p=p: stream_text(chat(client, p, stream=True, **kw))[0] for p in prompts]
+        )
+        assert got == solo
+        stop = solo[0][6:8]
+        r = chat(client, "hello", stop=stop, **kw)
+        assert r.choices[0].message.content == solo[0][: solo[0].find(stop)]
+        assert r.choices[0].finish_reason == "stop"
+        assert server.get("/health")[1]["peak_batch"] == 1
+    finally:
+        server.stop()
+
+
+def test_uncombinable_caches_are_served_one_at_a_time():
+    from conftest import make_tiny_model
+
+    from mlx_lm.server import ModelServer, setup_arg_parser
+
+    model = make_tiny_model("llama", head_dim=32)
+
+    def server(*flags):
+        args = setup_arg_parser().parse_args(["--model", "tiny", *flags])
+        return ModelServer(model, None, {"vocab_size": 128}, args)
+
+    assert server().max_batch_size == 8
+    assert server("--turbo-kv-bits", "3", "--max-batch-size", "4").max_batch_size == 4
+    for flags in (["--max-kv-size", "64"], ["--kv-bits", "8"], ["--max-batch-size", "1"]):
+        s = server(*flags)
+        assert not s.batching and s.max_batch_size == 1, flags
 
 
 # ----------------------------------------------------------------------------
@@ -492,3 +598,19 @@ def test_smollm2_disconnect_then_serves(smol_servers):
     assert status == 400
     r = chat(s.client(), "Hi!", model="smol", max_tokens=4)
     assert r.usage.completion_tokens >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_concurrent_streams_equal_sequential(smol_servers):
+    """TQ3 SmolLM2: three streaming clients decoded together get the texts each gets
+    alone (on the server without prompt-cache reuse: every request from scratch)."""
+    s = smol_servers[1]
+    client = s.client()
+    questions = ["What is the capital of France?", "Name three colors.", "Tell me a story."]
+    kw = dict(model="smol", max_tokens=12)
+    solo = [chat(client, q, **kw).choices[0].message.content for q in questions]
+    got = concurrently(
+        *[lambda q=q: stream_text(chat(client, q, stream=True, **kw))[0] for q in questions]
+    )
+    assert got == solo
+    assert s.get("/health")[1]["peak_batch"] >= 2

@@ -551,6 +551,258 @@ class CacheList(_BaseCache):
         )
 
 
+def batch_mask(N: int, filled: int, left_padding: mx.array, window_size: Optional[int] = None):
+    """Boolean [B, 1, N, filled + N] mask for N new queries of a left-padded batch whose
+    buffer already holds `filled` slots: causal (and windowed) within each sequence, and
+    blind to the `left_padding[b]` padding slots at the start of row b."""
+    from .base import create_causal_mask
+
+    causal = create_causal_mask(N, filled, window_size=window_size)
+    real = mx.arange(filled + N)[None] >= left_padding[:, None]
+    return causal[None, None] & real[:, None, None, :]
+
+
+def _check_batch_index(keep, B: int) -> List[int]:
+    keep = [int(i) for i in keep]
+    if not keep or any(not 0 <= i < B for i in keep) or len(set(keep)) != len(keep):
+        raise ValueError(
+            f"filter needs distinct sequence indices in [0, {B}) (at least one), got {keep}; "
+            "to drop every sequence, discard the batch cache instead."
+        )
+    return keep
+
+
+class BatchKVCache(_BaseCache):
+    """FP16 keys and values of several sequences decoded together (continuous batching).
+
+    The sequences share one [B, n_kv_heads, T, head_dim] buffer, left-padded: row b's
+    first `left_padding[b]` slots hold no token, so every sequence's newest token sits in
+    the same slot. `offset` is an int array [B], each sequence's own position (RoPE takes
+    it as a per-sequence offset) and `make_mask` hides the padding.
+
+    A batch is built from per-request caches after their own prefill (`merge`), grows by
+    one slot per decode step, loses finished sequences (`filter`), gains new ones
+    (`extend`) and hands a sequence back as a plain `KVCache` (`extract`).
+    """
+
+    step = 256
+
+    def __init__(self, left_padding: List[int]):
+        self.keys = None
+        self.values = None
+        self._pad = [int(p) for p in left_padding]
+        self._filled = max(self._pad, default=0)  # slots used (padding included)
+
+    @property
+    def left_padding(self) -> mx.array:
+        return mx.array(self._pad, dtype=mx.int32)
+
+    @property
+    def lengths(self) -> List[int]:
+        """Tokens held per sequence."""
+        return [self._filled - p for p in self._pad]
+
+    @property
+    def offset(self) -> mx.array:
+        # Read by every layer's RoPE: made once per step, not once per call.
+        key = (self._filled, tuple(self._pad))
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key, self._offset = key, mx.array(self.lengths, dtype=mx.int32)
+        return self._offset
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._pad)
+
+    @classmethod
+    def merge(cls, caches: List["KVCache"]) -> "BatchKVCache":
+        """One batch from single-sequence `KVCache`s (each with batch size 1)."""
+        for i, c in enumerate(caches):
+            if type(c) is not KVCache:
+                raise ValueError(
+                    f"BatchKVCache.merge takes KVCache layers; cache {i} is a "
+                    f"{type(c).__name__}."
+                )
+            if c.keys is not None and c.keys.shape[0] != 1:
+                raise ValueError(
+                    f"BatchKVCache.merge takes single-sequence caches; cache {i} has batch "
+                    f"size {c.keys.shape[0]}."
+                )
+        lengths = [c.offset for c in caches]
+        T = max(lengths)
+        batch = cls([T - n for n in lengths])
+        batch._filled = T
+        if T == 0:
+            return batch
+        ref = next(c for c in caches if c.offset > 0)
+        rows_k, rows_v = [], []
+        for c, n in zip(caches, lengths):
+            k, v = (c.keys[..., :n, :], c.values[..., :n, :]) if n else (None, None)
+            rows_k.append(_left_pad(k, T - n, ref.keys))
+            rows_v.append(_left_pad(v, T - n, ref.values))
+        batch.keys = mx.concatenate(rows_k, axis=0)
+        batch.values = mx.concatenate(rows_v, axis=0)
+        return batch
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        B, n_kv_heads, S, k_head_dim = keys.shape
+        if B != self.batch_size:
+            raise ValueError(f"This batch cache holds {self.batch_size} sequences, got {B}.")
+        prev = self._filled
+        if self.keys is None or prev + S > self.keys.shape[2]:
+            n_new = (self.step + S - 1) // self.step * self.step
+            new_k = mx.zeros((B, n_kv_heads, n_new, k_head_dim), keys.dtype)
+            new_v = mx.zeros((B, n_kv_heads, n_new, values.shape[3]), values.dtype)
+            if self.keys is None:  # nothing stored yet, so no slot is filled either
+                self.keys, self.values = new_k, new_v
+            else:
+                self.keys = mx.concatenate([self.keys[..., :prev, :], new_k], axis=2)
+                self.values = mx.concatenate([self.values[..., :prev, :], new_v], axis=2)
+        self._filled += S
+        self.keys[..., prev : self._filled, :] = keys
+        self.values[..., prev : self._filled, :] = values
+        return self.keys[..., : self._filled, :], self.values[..., : self._filled, :]
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        return batch_mask(N, self._filled, self.left_padding, window_size)
+
+    def filter(self, keep: List[int]):
+        """Keep only the sequences at indices `keep` (in that order), in place; padding
+        that every remaining row shares is dropped."""
+        keep = _check_batch_index(keep, self.batch_size)
+        self._pad = [self._pad[i] for i in keep]
+        if self.keys is not None:
+            idx = mx.array(keep)
+            self.keys, self.values = self.keys[idx], self.values[idx]
+        self._drop_shared_padding()
+
+    def _drop_shared_padding(self):
+        cut = min(self._pad)
+        if cut > 0:
+            self._pad = [p - cut for p in self._pad]
+            self._filled -= cut
+            if self.keys is not None:
+                self.keys = self.keys[..., cut:, :]
+                self.values = self.values[..., cut:, :]
+
+    def extend(self, other: "BatchKVCache"):
+        """Append the sequences of `other` (another BatchKVCache) to this batch, in place.
+        The shorter side gets left padding so that both end at the same slot."""
+        if not isinstance(other, BatchKVCache):
+            raise ValueError(f"extend takes a BatchKVCache, got {type(other).__name__}.")
+        T = max(self._filled, other._filled)
+        parts = []
+        for c in (self, other):
+            extra = T - c._filled
+            if c.keys is None:
+                parts.append(None)
+                continue
+            parts.append(
+                (
+                    _left_pad(c.keys[..., : c._filled, :], extra, c.keys),
+                    _left_pad(c.values[..., : c._filled, :], extra, c.values),
+                )
+            )
+        pads = [p + T - self._filled for p in self._pad] + [
+            p + T - other._filled for p in other._pad
+        ]
+        held = [p for p in parts if p is not None]
+        if held:
+            ref_k, ref_v = held[0]
+            rows_k, rows_v = [], []
+            for c, p in zip((self, other), parts):
+                if p is None:  # nothing stored yet: all padding
+                    shape = (c.batch_size, *ref_k.shape[1:])
+                    p = (
+                        mx.zeros(shape, ref_k.dtype),
+                        mx.zeros(shape[:3] + ref_v.shape[3:], ref_v.dtype),
+                    )
+                rows_k.append(p[0])
+                rows_v.append(p[1])
+            self.keys = mx.concatenate(rows_k, axis=0)
+            self.values = mx.concatenate(rows_v, axis=0)
+        self._pad, self._filled = pads, T
+
+    def extract(self, i: int) -> "KVCache":
+        """Sequence `i` as a plain single-sequence KVCache (a copy)."""
+        _check_batch_index([i], self.batch_size)
+        cache = KVCache()
+        if self.keys is not None and self._filled > self._pad[i]:
+            sl = slice(self._pad[i], self._filled)
+            cache.state = (
+                mx.array(self.keys[i : i + 1, :, sl]),
+                mx.array(self.values[i : i + 1, :, sl]),
+            )
+        return cache
+
+    def size(self):
+        return self._filled
+
+    def empty(self):
+        return self.keys is None or all(n == 0 for n in self.lengths)
+
+    @property
+    def state(self):
+        if self.keys is None:
+            return []
+        return self.keys[..., : self._filled, :], self.values[..., : self._filled, :]
+
+    @property
+    def meta_state(self):
+        return tuple(map(str, self._pad))
+
+    @property
+    def nbytes(self):
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+
+def _left_pad(x: Optional[mx.array], n: int, like: mx.array) -> mx.array:
+    """`x` [1 or B, H, T, D] with n zero slots prepended (x None: n zero slots, one row)."""
+    if x is None:
+        return mx.zeros((1, like.shape[1], n, *like.shape[3:]), like.dtype)
+    if n == 0:
+        return x
+    zeros = mx.zeros((x.shape[0], x.shape[1], n, *x.shape[3:]), x.dtype)
+    return mx.concatenate([zeros, x], axis=2)
+
+
+def can_batch(cache: List[Any]) -> bool:
+    """Whether a per-request cache list can join a continuous batch: every layer a plain
+    `KVCache` or `TurboQuantKVCache` (not rotating, affine-quantized or recurrent)."""
+    from .turboquant_cache import TurboQuantKVCache
+
+    return bool(cache) and all(type(c) in (KVCache, TurboQuantKVCache) for c in cache)
+
+
+def merge_caches(caches: List[List[Any]]) -> List[Any]:
+    """Per-layer batch caches from several requests' cache lists (one list per request,
+    same model and settings): `BatchKVCache` for KVCache layers, `BatchTurboQuantKVCache`
+    for TurboQuant ones."""
+    from .turboquant_cache import BatchTurboQuantKVCache, TurboQuantKVCache
+
+    if not caches:
+        raise ValueError("merge_caches needs at least one request's cache.")
+    layers = len(caches[0])
+    if any(len(c) != layers for c in caches):
+        raise ValueError("merge_caches: the requests' caches have different numbers of layers.")
+    out = []
+    for i in range(layers):
+        column = [c[i] for c in caches]
+        kinds = {type(c) for c in column}
+        if kinds == {KVCache}:
+            out.append(BatchKVCache.merge(column))
+        elif kinds == {TurboQuantKVCache}:
+            out.append(BatchTurboQuantKVCache.merge(column))
+        else:
+            names = sorted(k.__name__ for k in kinds)
+            raise ValueError(
+                f"Layer {i} cannot be batched: its caches are {names}; continuous batching "
+                "takes KVCache or TurboQuantKVCache layers (no --max-kv-size, --kv-bits, "
+                "sliding windows or recurrent layers), one kind per layer."
+            )
+    return out
+
+
 def _cache_classes() -> Dict[str, type]:
     """Every cache class defined so far (subclasses of `_BaseCache`), by name."""
     found, todo = {}, [_BaseCache]

@@ -17,7 +17,7 @@ directly gets correct results, and with our dispatch they are never computed.
 """
 
 from functools import lru_cache
-from typing import Optional
+from typing import List, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -708,3 +708,378 @@ def to_turbo_quantized_cache(
                 key_bits, value_bits, turbo_seed, layer_idx=i, key_centering=turbo_key_centering
             )
     return new_cache
+
+
+def _pad_axis2(x: mx.array, n: int) -> mx.array:
+    """`x` with n zeros prepended along axis 2 (the token axis of the cache buffers)."""
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[2] = n
+    return mx.concatenate([mx.zeros(shape, x.dtype), x], axis=2)
+
+
+class BatchTurboQuantKVCache(TurboQuantCodec, _BaseCache):
+    """TurboQuant codes of several sequences decoded together (continuous batching):
+    the batch counterpart of `TurboQuantKVCache`, as `BatchKVCache` is of `KVCache`.
+
+    Rows are left-padded in one [B, n_kv_heads, T, ...] buffer of packed codes and norms
+    (padding slots hold zeros and are masked). Causal key centering depends on each
+    sequence's own positions, so the batch keeps a key-mean segment id per slot and row
+    (`segments`, int32 [B, T]; 0 on padding), the means per row (`key_means`,
+    [B, n_kv_heads, n, head_dim]: row b uses its first `segments_held_by[b] - 1`
+    columns) and opens a segment for one row when that row's position reaches it,
+    from that row's stored codes, exactly as the row's own cache would. Each row
+    therefore holds the codes and means its sequence would hold decoded alone.
+
+    Attention goes through the pure-MLX reference (`turboquant_attention`); the fused
+    kernels do not take batch caches.
+    """
+
+    step = 256
+    is_batch = True
+
+    def __init__(
+        self,
+        left_padding: List[int],
+        key_bits: int = 3,
+        value_bits: int = 3,
+        seed: int = 0,
+        layer_idx: int = 0,
+        key_centering: bool = True,
+    ):
+        self._init_codec(key_bits, value_bits, seed, layer_idx, key_centering)
+        self._pad = [int(p) for p in left_padding]
+        self._filled = max(self._pad, default=0)
+        self.segments_held_by = [1] * len(self._pad)
+        self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
+        self.segments = None
+
+    # ---- shape of the batch ----
+
+    @property
+    def left_padding(self) -> mx.array:
+        return mx.array(self._pad, dtype=mx.int32)
+
+    @property
+    def lengths(self) -> List[int]:
+        return [self._filled - p for p in self._pad]
+
+    @property
+    def offset(self) -> mx.array:
+        # Read by every layer's RoPE: made once per step, not once per call.
+        key = (self._filled, tuple(self._pad))
+        if getattr(self, "_offset_key", None) != key:
+            self._offset_key, self._offset = key, mx.array(self.lengths, dtype=mx.int32)
+        return self._offset
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._pad)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.packed_keys.shape[1]
+
+    def is_ring(self) -> bool:
+        return False
+
+    def _settings(self):
+        return (self.key_bits, self.value_bits, self.seed, self.layer_idx, self.key_centering)
+
+    def _buffers(self):
+        return [self.packed_keys, self.key_norms, self.packed_values, self.value_norms]
+
+    # ---- building, filtering, extending, extracting ----
+
+    @classmethod
+    def merge(cls, caches: List["TurboQuantKVCache"]) -> "BatchTurboQuantKVCache":
+        """One batch from single-sequence `TurboQuantKVCache`s of one layer (same bits,
+        seed, layer and key centering), each after its own prefill."""
+        for i, c in enumerate(caches):
+            if type(c) is not TurboQuantKVCache:
+                raise ValueError(
+                    f"BatchTurboQuantKVCache.merge takes TurboQuantKVCache layers; cache {i} "
+                    f"is a {type(c).__name__}."
+                )
+        first = caches[0]
+        settings = (first.key_bits, first.value_bits, first.seed, first.layer_idx)
+        settings += (first.key_centering,)
+        for i, c in enumerate(caches):
+            have = (c.key_bits, c.value_bits, c.seed, c.layer_idx, c.key_centering)
+            if have != settings:
+                raise ValueError(
+                    f"Cannot batch TurboQuant caches with different settings: cache {i} has "
+                    f"(key bits, value bits, seed, layer, centering) {have}, cache 0 {settings}."
+                )
+            if not c.empty() and c.packed_keys.shape[0] != 1:
+                raise ValueError(
+                    f"merge takes single-sequence caches; cache {i} has batch size "
+                    f"{c.packed_keys.shape[0]}."
+                )
+        lengths = [0 if c.empty() else c.offset for c in caches]
+        T = max(lengths)
+        batch = cls([T - n for n in lengths], *settings)
+        batch._filled = T
+        if T == 0:
+            return batch
+        ref = caches[lengths.index(T)]
+        batch.head_dim = ref.head_dim
+        batch._derive()
+        rows = [batch._rows_of(c, n, T, ref) for c, n in zip(caches, lengths)]
+        batch._set_rows(rows)
+        return batch
+
+    def _rows_of(self, c, n: int, T: int, ref):
+        """A single cache's buffers, segment ids and means, left-padded to T slots."""
+        if n == 0:
+            bufs = [mx.zeros((1, *x.shape[1:2], T, *x.shape[3:]), x.dtype) for x in ref._buffers()]
+            return bufs, mx.zeros((1, T), mx.int32), None, 1
+        bufs = [_pad_axis2(x[:, :, :n], T - n) for x in c._buffers()]
+        segs = mx.concatenate(
+            [mx.zeros((T - n,), mx.int32), key_mean_segments(0, n, self.max_segment)]
+        )[None]
+        return bufs, segs, c.key_means, c.segments_held
+
+    def _set_rows(self, rows):
+        """Stack per-row (buffers, segment ids, means, segments held) along the batch."""
+        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = (
+            mx.concatenate([r[0][j] for r in rows], axis=0) for j in range(4)
+        )
+        self.segments = mx.concatenate([r[1] for r in rows], axis=0)
+        self.segments_held_by = [r[3] for r in rows]
+        n = max(self.segments_held_by) - 1
+        if n == 0:
+            self.key_means = None
+            return
+        H, d = self.packed_keys.shape[1], self.head_dim
+        means = []
+        for _, _, m, _ in rows:
+            m = mx.zeros((1, H, 0, d), mx.float16) if m is None else m[:, :, :n]
+            if m.shape[2] < n:
+                m = mx.concatenate([m, mx.zeros((1, H, n - m.shape[2], d), mx.float16)], axis=2)
+            means.append(m)
+        self.key_means = mx.concatenate(means, axis=0)
+
+    def _row(self, i: int):
+        """Row i as (buffers, segment ids, means, segments held), nothing dropped."""
+        bufs = [x[i : i + 1, :, : self._filled] for x in self._buffers()]
+        means = None if self.key_means is None else self.key_means[i : i + 1]
+        return bufs, self.segments[i : i + 1, : self._filled], means, self.segments_held_by[i]
+
+    def filter(self, keep: List[int]):
+        """Keep only the sequences at indices `keep` (in that order), in place; padding
+        that every remaining row shares is dropped."""
+        from .cache import _check_batch_index
+
+        keep = _check_batch_index(keep, self.batch_size)
+        pads = [self._pad[i] for i in keep]
+        held = [self.segments_held_by[i] for i in keep]
+        if self.packed_keys is not None:
+            idx = mx.array(keep)
+            cut = min(pads)
+            bufs = [x[idx][:, :, cut : self._filled] for x in self._buffers()]
+            self.packed_keys, self.key_norms, self.packed_values, self.value_norms = bufs
+            self.segments = self.segments[idx][:, cut : self._filled]
+            n = max(held) - 1
+            self.key_means = None if n == 0 else self.key_means[idx][:, :, :n]
+            pads = [p - cut for p in pads]
+            self._filled -= cut
+        self._pad, self.segments_held_by = pads, held
+        if self.packed_keys is None:
+            self._filled = max(pads)
+
+    def extend(self, other: "BatchTurboQuantKVCache"):
+        """Append the sequences of `other` to this batch, in place; the shorter side gets
+        left padding so that both end at the same slot."""
+        if not isinstance(other, BatchTurboQuantKVCache):
+            raise ValueError(f"extend takes a BatchTurboQuantKVCache, got {type(other).__name__}.")
+        if other._settings() != self._settings():
+            raise ValueError(
+                f"Cannot batch TurboQuant caches with different settings: {other._settings()} "
+                f"vs {self._settings()} (key bits, value bits, seed, layer, centering)."
+            )
+        T = max(self._filled, other._filled)
+        pads = [p + T - self._filled for p in self._pad]
+        pads += [p + T - other._filled for p in other._pad]
+        ref = self if self.packed_keys is not None else other
+        if ref.packed_keys is None:
+            self._pad, self._filled = pads, T
+            self.segments_held_by += other.segments_held_by
+            return
+        if self.head_dim is None:
+            self.head_dim = ref.head_dim
+            self._derive()
+        rows = []
+        for c in (self, other):
+            for i in range(c.batch_size):
+                if c.packed_keys is None:
+                    rows.append(self._rows_of(None, 0, T, ref))
+                    continue
+                bufs, segs, means, held = c._row(i)
+                extra = T - c._filled
+                bufs = [_pad_axis2(x, extra) for x in bufs]
+                segs = mx.concatenate([mx.zeros((1, extra), mx.int32), segs], axis=1)
+                rows.append((bufs, segs, means, held))
+        self._set_rows(rows)
+        self._pad, self._filled = pads, T
+
+    def extract(self, i: int) -> "TurboQuantKVCache":
+        """Sequence `i` as a single-sequence TurboQuantKVCache (a copy): what the same
+        tokens would have left in a cache of their own."""
+        from .cache import _check_batch_index
+
+        _check_batch_index([i], self.batch_size)
+        n = self.lengths[i]
+        cache = TurboQuantKVCache(*self._settings())
+        if self.packed_keys is None or n == 0:
+            return cache
+        sl = slice(self._pad[i], self._filled)
+        state = [mx.array(x[i : i + 1, :, sl]) for x in self._buffers()]
+        held = self.segments_held_by[i]
+        if held > 1:
+            state.append(mx.array(self.key_means[i : i + 1, :, : held - 1]))
+        meta = (n, *self._settings()[:4], self.head_dim, int(self.key_centering))
+        return TurboQuantKVCache.from_state(tuple(state), tuple(map(str, meta)))
+
+    # ---- decoding ----
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Quantize and store one new token per sequence (several tokens are taken one
+        at a time); return lazily dequantized keys/values of the whole buffer."""
+        B, n_kv_heads, S, d = keys.shape
+        if B != self.batch_size:
+            raise ValueError(f"This batch cache holds {self.batch_size} sequences, got {B}.")
+        if self.head_dim is None:
+            self._setup(d, values.shape[-1])
+        for t in range(S):
+            self._append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        return self._fetch(keys.dtype)
+
+    def _append(self, keys: mx.array, values: mx.array):
+        B, n_kv_heads, _, d = keys.shape
+        segs = [key_mean_segment(p, self.max_segment) for p in self.lengths]
+        for b, s in enumerate(segs):
+            if s == self.segments_held_by[b]:
+                self._open_segment(b, s)
+        mean = None
+        if self.key_means is not None and any(segs):
+            mean = self._derived(("mean", tuple(segs)), lambda: self._row_means(segs))
+        backend = fused_backend() if quantize_supported(d) else None
+
+        def quantize(x, mean, signs, centroids, bits):
+            if backend is not None:
+                return fused_quantize(x, mean, signs, centroids, bits, backend)
+            if mean is not None:
+                x = x.astype(mx.float32) - mean
+            return _quantizer(bits)(x, signs, centroids)
+
+        pk, kn = quantize(keys, mean, self.key_signs, self.key_centroids, self.key_bits)
+        pv, vn = quantize(values, None, self.value_signs, self.value_centroids, self.value_bits)
+        self._grow(B, n_kv_heads)
+        slot = self._filled
+        self.packed_keys[:, :, slot : slot + 1] = pk
+        self.key_norms[:, :, slot : slot + 1] = kn.astype(mx.float16)
+        self.packed_values[:, :, slot : slot + 1] = pv
+        self.value_norms[:, :, slot : slot + 1] = vn.astype(mx.float16)
+        self.segments[:, slot : slot + 1] = mx.array(segs, dtype=mx.int32)[:, None]
+        self._filled += 1
+
+    def _row_means(self, segs: List[int]) -> mx.array:
+        """μ of each row's current segment [B, n_kv_heads, 1, head_dim] float32, in the
+        model's domain (what that row's new key is centered by; 0 in segment 0)."""
+        idx = mx.array(segs, dtype=mx.int32)[:, None, None, None]
+        rotated = mx.take_along_axis(self.key_means_with_zero(), idx, axis=2)
+        return inverse_rotate(rotated.astype(mx.float32), self.key_signs)
+
+    def _open_segment(self, b: int, s: int):
+        """M_s of row b (see `TurboQuantCodec`) from the row's stored codes of [b_{s-1}, b_s)."""
+        lo, hi, p = segment_start(s - 1), segment_start(s), self._pad[b]
+        residuals = self._dequantize_keys(
+            self.packed_keys[b : b + 1, :, p + lo : p + hi],
+            self.key_norms[b : b + 1, :, p + lo : p + hi],
+        )
+        total = mx.sum(residuals, axis=2, keepdims=True)
+        prev = 0.0 if s == 1 else self.key_means[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)
+        mean = (prev + total / hi).astype(mx.float16)
+        means = self.key_means
+        if means is None or means.shape[2] < s:
+            B, H = self.batch_size, self.packed_keys.shape[1]
+            wider = mx.zeros((B, H, s - (0 if means is None else means.shape[2]), self.head_dim))
+            wider = wider.astype(mx.float16)
+            means = wider if means is None else mx.concatenate([means, wider], axis=2)
+        means[b : b + 1, :, s - 1 : s] = mean
+        self.key_means = means  # the setter drops values derived from the old means
+        self.segments_held_by[b] += 1
+
+    def _grow(self, B: int, n_kv_heads: int):
+        if self.packed_keys is not None and self._filled + 1 <= self.packed_keys.shape[2]:
+            return
+        shape = (B, n_kv_heads, self.step)
+        kw = packed_words(self.head_dim, self.key_bits)
+        vw = packed_words(self.head_dim, self.value_bits)
+        new = [
+            mx.zeros((*shape, kw), dtype=mx.uint32),
+            mx.zeros(shape, dtype=mx.float16),
+            mx.zeros((*shape, vw), dtype=mx.uint32),
+            mx.zeros(shape, dtype=mx.float16),
+        ]
+        new_segments = mx.zeros((B, self.step), mx.int32)
+        if self.packed_keys is None:
+            # Nothing stored yet: the padding slots (if any) come first.
+            new = [_pad_axis2(x, self._filled) for x in new]
+            new_segments = mx.zeros((B, self._filled + self.step), mx.int32)
+        else:
+            old = [x[:, :, : self._filled] for x in self._buffers()]
+            new = [mx.concatenate([o, n], axis=2) for o, n in zip(old, new)]
+            new_segments = mx.concatenate([self.segments[:, : self._filled], new_segments], 1)
+        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = new
+        self.segments = new_segments
+
+    def rotated_keys_values(self, dtype=mx.float32):
+        """Keys (each row's key means added back) and values of every slot, rotated
+        domain, [B, n_kv_heads, filled, head_dim]; the padding slots come out as zeros
+        (plus nothing: their segment is 0) and are masked by `make_mask`."""
+        pk, kn, pv, vn = self._buffers()
+        k = self._dequantize_keys(pk, kn)
+        if self.key_means is not None:
+            idx = self.segments[:, None, :, None]
+            k = k + mx.take_along_axis(self.key_means_with_zero(), idx, axis=2).astype(mx.float32)
+        v = _dequantizer(self.value_bits, self.head_dim)(pv, vn, self.value_centroids)
+        return (
+            k[:, :, : self._filled].astype(dtype),
+            v[:, :, : self._filled].astype(dtype),
+        )
+
+    def kernel_buffers(self):
+        raise ValueError("The fused TurboQuant kernels do not take batch caches.")
+
+    # ---- the cache interface ----
+
+    def make_mask(self, N: int, window_size: Optional[int] = None, return_array: bool = False):
+        from .cache import batch_mask
+
+        return batch_mask(N, self._filled, self.left_padding, window_size)
+
+    def size(self):
+        return self._filled
+
+    def empty(self):
+        return self.packed_keys is None or all(n == 0 for n in self.lengths)
+
+    @property
+    def state(self):
+        if self.packed_keys is None:
+            return []
+        bufs = [x[:, :, : self._filled] for x in self._buffers()]
+        bufs.append(self.segments[:, : self._filled])
+        return tuple(bufs + ([] if self.key_means is None else [self.key_means]))
+
+    @property
+    def nbytes(self):
+        if self.packed_keys is None:
+            return 0
+        held = self._buffers() + [self.segments]
+        return sum(x.nbytes for x in held) + (
+            0 if self.key_means is None else self.key_means.nbytes
+        )

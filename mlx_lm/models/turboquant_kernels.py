@@ -555,6 +555,8 @@ def threads_per_group(head_dim: int) -> int:
 
 def supports(queries: mx.array, cache, mask) -> bool:
     """Whether the fused decode kernel handles this call (else: the reference path)."""
+    if getattr(cache, "is_batch", False):
+        return False  # left-padded batch caches (per-row segments) use the reference
     B, n_q_heads, L, D = queries.shape
     if L > MAX_QUERY_TOKENS or cache.head_dim != D or D % 32:
         return False
