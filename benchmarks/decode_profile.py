@@ -85,7 +85,9 @@ def main():
                 return [x for x in layer.state]
 
             def attention():
-                return scaled_dot_product_attention(q, None, None, layer, scale, None)
+                # TurboQuant attention reads the cache itself; FP16 gets the stored K/V.
+                keys, values = layer.state[:2] if name == "fp16" else (None, None)
+                return scaled_dot_product_attention(q, keys, values, layer, scale, None)
 
             r.setdefault("step", []).append(timed(step, args.steps))
             r.setdefault("update", []).append(timed(update, args.steps) * len(cache))

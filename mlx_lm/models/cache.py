@@ -572,26 +572,9 @@ def _check_batch_index(keep, B: int) -> List[int]:
     return keep
 
 
-class BatchKVCache(_BaseCache):
-    """FP16 keys and values of several sequences decoded together (continuous batching).
-
-    The sequences share one [B, n_kv_heads, T, head_dim] buffer, left-padded: row b's
-    first `left_padding[b]` slots hold no token, so every sequence's newest token sits in
-    the same slot. `offset` is an int array [B], each sequence's own position (RoPE takes
-    it as a per-sequence offset) and `make_mask` hides the padding.
-
-    A batch is built from per-request caches after their own prefill (`merge`), grows by
-    one slot per decode step, loses finished sequences (`filter`), gains new ones
-    (`extend`) and hands a sequence back as a plain `KVCache` (`extract`).
-    """
-
-    step = 256
-
-    def __init__(self, left_padding: List[int]):
-        self.keys = None
-        self.values = None
-        self._pad = [int(p) for p in left_padding]
-        self._filled = max(self._pad, default=0)  # slots used (padding included)
+class _LeftPaddedBatch:
+    """Shape bookkeeping of a left-padded batch cache: `_pad` (padding slots per row)
+    and `_filled` (slots used, padding included)."""
 
     @property
     def left_padding(self) -> mx.array:
@@ -613,6 +596,28 @@ class BatchKVCache(_BaseCache):
     @property
     def batch_size(self) -> int:
         return len(self._pad)
+
+
+class BatchKVCache(_LeftPaddedBatch, _BaseCache):
+    """FP16 keys and values of several sequences decoded together (continuous batching).
+
+    The sequences share one [B, n_kv_heads, T, head_dim] buffer, left-padded: row b's
+    first `left_padding[b]` slots hold no token, so every sequence's newest token sits in
+    the same slot. `offset` is an int array [B], each sequence's own position (RoPE takes
+    it as a per-sequence offset) and `make_mask` hides the padding.
+
+    A batch is built from per-request caches after their own prefill (`merge`), grows by
+    one slot per decode step, loses finished sequences (`filter`), gains new ones
+    (`extend`) and hands a sequence back as a plain `KVCache` (`extract`).
+    """
+
+    step = 256
+
+    def __init__(self, left_padding: List[int]):
+        self.keys = None
+        self.values = None
+        self._pad = [int(p) for p in left_padding]
+        self._filled = max(self._pad, default=0)  # slots used (padding included)
 
     @classmethod
     def merge(cls, caches: List["KVCache"]) -> "BatchKVCache":

@@ -22,7 +22,7 @@ from typing import List, Optional
 import mlx.core as mx
 import numpy as np
 
-from .cache import RotatingKVCache, _BaseCache, _causal_mask_for
+from .cache import RotatingKVCache, _BaseCache, _causal_mask_for, _LeftPaddedBatch
 from .turboquant import turboquant_dequantize_rotated, turboquant_quantize
 from .turboquant_codebook import lloyd_max_codebook
 from .turboquant_kernels import fused_backend, fused_quantize, quantize_supported
@@ -719,7 +719,7 @@ def _pad_axis2(x: mx.array, n: int) -> mx.array:
     return mx.concatenate([mx.zeros(shape, x.dtype), x], axis=2)
 
 
-class BatchTurboQuantKVCache(TurboQuantCodec, _BaseCache):
+class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     """TurboQuant codes of several sequences decoded together (continuous batching):
     the batch counterpart of `TurboQuantKVCache`, as `BatchKVCache` is of `KVCache`.
 
@@ -754,28 +754,6 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _BaseCache):
         self.segments_held_by = [1] * len(self._pad)
         self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
         self.segments = None
-
-    # ---- shape of the batch ----
-
-    @property
-    def left_padding(self) -> mx.array:
-        return mx.array(self._pad, dtype=mx.int32)
-
-    @property
-    def lengths(self) -> List[int]:
-        return [self._filled - p for p in self._pad]
-
-    @property
-    def offset(self) -> mx.array:
-        # Read by every layer's RoPE: made once per step, not once per call.
-        key = (self._filled, tuple(self._pad))
-        if getattr(self, "_offset_key", None) != key:
-            self._offset_key, self._offset = key, mx.array(self.lengths, dtype=mx.int32)
-        return self._offset
-
-    @property
-    def batch_size(self) -> int:
-        return len(self._pad)
 
     @property
     def n_kv_heads(self) -> int:

@@ -88,6 +88,25 @@ TQ_FN uint32_t tq_code(Words words, int i, int bits) {
   }
   return code & ((1u << bits) - 1u);
 }
+
+// h <- H h / sqrt(D) in shared memory (Sylvester Hadamard, as mx.hadamard_transform for
+// powers of two): a Walsh-Hadamard butterfly, thread d of D owning coordinate d. Callers
+// write h[d] before; every thread may read all of h after.
+template <int D, typename Shared>
+TQ_FN void tq_hadamard(Shared h, int d) {
+  TQ_SYNC();
+  for (int len = 1; len < D; len <<= 1) {
+    if ((d & len) == 0) {
+      const float a = h[d];
+      const float b = h[d + len];
+      h[d] = a + b;
+      h[d + len] = a - b;
+    }
+    TQ_SYNC();
+  }
+  h[d] *= 1.0f / sqrt((float)D);
+  TQ_SYNC();
+}
 """
 
 # Template constants: D head_dim, R query rows (GQA group x query tokens), L query
@@ -301,17 +320,8 @@ MERGE_BODY = """
   float o = num / den;
   if (ROT) {
     h[d] = o;
-    TQ_SYNC();
-    for (int len = 1; len < D; len <<= 1) {
-      if ((d & len) == 0) {
-        const float a = h[d];
-        const float b = h[d + len];
-        h[d] = a + b;
-        h[d + len] = a - b;
-      }
-      TQ_SYNC();
-    }
-    o = h[d] * (1.0f / sqrt((float)D)) * value_signs[d];
+    tq_hadamard<D>(h, d);
+    o = h[d] * value_signs[d];
   }
   out[(size_t)row * D + d] = static_cast<out_t>(o);
 """
@@ -350,17 +360,8 @@ QUANTIZE_BODY = """
   TQ_SYNC();
   // y = H D x / ||x|| / sqrt(D): random signs, then a Walsh-Hadamard butterfly.
   h[d] = v / max(norm, 1e-30f) * signs[d];
-  TQ_SYNC();
-  for (int len = 1; len < D; len <<= 1) {
-    if ((d & len) == 0) {
-      const float a = h[d];
-      const float b = h[d + len];
-      h[d] = a + b;
-      h[d + len] = a - b;
-    }
-    TQ_SYNC();
-  }
-  const float y = h[d] * (1.0f / sqrt((float)D));
+  tq_hadamard<D>(h, d);
+  const float y = h[d];
   // Nearest centroid: the number of midpoints below y (ties to the lower one).
   uint32_t code = 0;
   for (int i = 0; i + 1 < (1 << bits); i++) {
