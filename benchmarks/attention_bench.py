@@ -1,0 +1,105 @@
+"""One layer's decode attention and cache update, FP16 vs TurboQuant, per context length.
+
+Isolates what `kv_bench.py` measures for a whole model: a KV cache of one layer is filled
+with `context` random tokens, then `--calls` attention calls (or cache updates) are
+built and evaluated together, as a model's layers would be, and the time per call is
+the median over `--rounds`. On a GPU the TurboQuant rows are the fused kernels (set
+MLX_LM_TURBO_REFERENCE=1 for the reference); on the CPU they are the reference.
+
+    python benchmarks/attention_bench.py --contexts 4096 32768 131072 --batch 1 \\
+        --heads 28 --kv-heads 4 --head-dim 128 --bits 3 --output attn.md
+"""
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.turboquant_cache import TurboQuantKVCache
+
+
+def per_call_us(f, calls: int, rounds: int) -> float:
+    mx.eval(f())
+    times = []
+    for _ in range(rounds):
+        mx.synchronize()
+        tic = time.perf_counter()
+        mx.eval([f() for _ in range(calls)])
+        times.append((time.perf_counter() - tic) / calls)
+    return statistics.median(times) * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--bits", type=int, default=3)
+    p.add_argument("--calls", type=int, default=28, help="calls evaluated together")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--output")
+    args = p.parse_args()
+
+    B, H, D = args.batch, args.kv_heads, args.head_dim
+    q = mx.random.normal((B, args.heads, 1, D)).astype(mx.float16)
+    new = mx.random.normal((B, H, 1, D)).astype(mx.float16)
+    scale = D**-0.5
+    lines = [
+        f"Device {mx.default_device()}; batch {B}, {args.heads} query / {H} KV heads, "
+        f"head_dim {D}, TurboQuant {args.bits} bits; µs per call ({args.calls} calls "
+        f"evaluated together, median of {args.rounds}).",
+        "",
+        "| context | fp16 attention | tq attention | tq/fp16 | fp16 update | tq update |",
+        "|---|---|---|---|---|---|",
+    ]
+    for context in args.contexts:
+        fp16, tq = KVCache(), TurboQuantKVCache(args.bits, args.bits)
+        for start in range(0, context, 4096):
+            n = min(4096, context - start)
+            k = mx.random.normal((B, H, n, D)).astype(mx.float16)
+            v = mx.random.normal((B, H, n, D)).astype(mx.float16)
+            fp16.update_and_fetch(k, v)
+            tq.update_and_fetch(k, v)
+            mx.eval(fp16.state, tq.state)
+        keys, values = fp16.state
+
+        def update(cache):
+            def f():
+                cache.update_and_fetch(new, new)
+                cache.trim(1)
+                return cache.state
+
+            return f
+
+        row = [
+            per_call_us(
+                lambda: scaled_dot_product_attention(q, keys, values, fp16, scale, None),
+                args.calls,
+                args.rounds,
+            ),
+            per_call_us(
+                lambda: scaled_dot_product_attention(q, None, None, tq, scale, None),
+                args.calls,
+                args.rounds,
+            ),
+        ]
+        row += [per_call_us(update(c), args.calls, args.rounds) for c in (fp16, tq)]
+        lines.append(
+            f"| {context} | {row[0]:.1f} | {row[1]:.1f} | {row[1] / row[0]:.2f}x | "
+            f"{row[2]:.1f} | {row[3]:.1f} |"
+        )
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
