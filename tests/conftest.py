@@ -1,5 +1,6 @@
 import os
 
+import mlx.core as mx
 import pytest
 
 
@@ -192,3 +193,34 @@ def save_model_dir(path, model, config):
         json.dump(config, f)
     save_wordlevel_tokenizer(path, config["vocab_size"])
     return path
+
+
+def cached_logits(model, tokens, prefill, cache=None):
+    """Logits of `tokens` [B, T] fed through a cache: a prefill of `prefill` tokens, then
+    one token per step; or, when `prefill` is a list, chunks of those sizes."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    if isinstance(prefill, int):
+        prefill = [prefill] + [1] * (tokens.shape[1] - prefill)
+    cache = make_prompt_cache(model) if cache is None else cache
+    outs, start = [], 0
+    for n in prefill:
+        outs.append(model(tokens[:, start : start + n], cache=cache))
+        start += n
+    return mx.concatenate(outs, axis=1)
+
+
+def randomize_hf_weights(hf_model, torch, norm_offset=lambda name: 1.0):
+    """Replace transformers' tiny init with O(1)-logit weights so differences show: 1-D
+    norm weights norm_offset(name) + 0.2 N(0, 1) (0 for zero-centred norms), other 1-D
+    weights 0.1 N(0, 1), matrices N(0, 1 / fan_in)."""
+    import math
+
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p) + norm_offset(name))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))

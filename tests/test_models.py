@@ -12,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import save_wordlevel_tokenizer
+from conftest import cached_logits as _cached_logits
+from conftest import randomize_hf_weights, save_wordlevel_tokenizer
 
 from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
@@ -69,15 +70,6 @@ def _perturb_norms(model):
     new = [(k, v + 0.3 * mx.random.normal(v.shape)) for k, v in params if "norm" in k]
     model.update(tree_unflatten(new))
     mx.eval(model.parameters())
-
-
-def _cached_logits(model, tokens, prefill):
-    """Logits of `tokens` from a prefill of `prefill` tokens, then one token per step."""
-    cache = make_prompt_cache(model)
-    outs = [model(tokens[:, :prefill], cache=cache)]
-    for i in range(prefill, tokens.shape[1]):
-        outs.append(model(tokens[:, i : i + 1], cache=cache))
-    return mx.concatenate(outs, axis=1)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -330,18 +322,8 @@ def _hf_cases():
 
 
 def _randomize(hf_model, torch):
-    """Replace transformers' small init with O(1)-logit weights so differences show."""
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(
-                    0.2 * torch.randn_like(p)
-                    + (0.0 if "gemma" in type(hf_model).__name__.lower() else 1.0)
-                )
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    gemma = "gemma" in type(hf_model).__name__.lower()  # zero-centred norms (1 + w)
+    randomize_hf_weights(hf_model, torch, lambda name: 0.0 if gemma else 1.0)
 
 
 @pytest.fixture(scope="module")

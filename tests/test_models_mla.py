@@ -7,13 +7,12 @@ random transformers models (group-limited MoE routing, a dense first layer, YaRN
 compare logits with ours loaded through `mlx_lm.utils.load`.
 """
 
-import math
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import save_wordlevel_tokenizer
+from conftest import cached_logits as _cached_logits
+from conftest import randomize_hf_weights, save_wordlevel_tokenizer
 from mlx.utils import tree_flatten, tree_map
 
 from mlx_lm.generate import generate_step
@@ -78,14 +77,6 @@ def _tiny(name, seed=0, **overrides):
     model.update(tree_map(lambda p: p * 1.5, model.parameters()))
     mx.eval(model.parameters())
     return model
-
-
-def _cached_logits(model, tokens, prefill, cache=None):
-    cache = make_prompt_cache(model) if cache is None else cache
-    outs = [model(tokens[:, :prefill], cache=cache)]
-    for i in range(prefill, tokens.shape[1]):
-        outs.append(model(tokens[:, i : i + 1], cache=cache))
-    return mx.concatenate(outs, axis=1)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))
@@ -408,14 +399,8 @@ def _hf_cases():
 
 def _randomize(hf_model, torch):
     """O(1)-logit weights (transformers' init is tiny) and a non-zero routing bias."""
+    randomize_hf_weights(hf_model, torch)
     with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
         for name, b in hf_model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.3 * torch.randn_like(b))

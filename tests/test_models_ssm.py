@@ -14,7 +14,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import save_wordlevel_tokenizer
+from conftest import cached_logits as _cached_logits
+from conftest import randomize_hf_weights, save_wordlevel_tokenizer
 from mlx.utils import tree_flatten
 
 from mlx_lm.generate import generate_step
@@ -66,15 +67,6 @@ def _model(name, seed=0, **overrides):
     model = module.Model(module.ModelArgs.from_dict({**cfg, **overrides}))
     mx.eval(model.parameters())
     return model
-
-
-def _cached_logits(model, tokens, chunks, cache=None):
-    cache = make_prompt_cache(model) if cache is None else cache
-    outs, start = [], 0
-    for n in chunks:
-        outs.append(model(tokens[:, start : start + n], cache=cache))
-        start += n
-    return mx.concatenate(outs, axis=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -494,17 +486,12 @@ def _hf_cases():
 def _randomize(hf_model, torch):
     """O(1)-logit random weights. Qwen3-Next's RMSNorms are zero-centred (1 + w); its
     DeltaNet output norm and Mamba-2's norms are not."""
-    with torch.no_grad():
-        for name, p in hf_model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                centred = "qwen3next" in type(hf_model).__name__.lower() and (
-                    "linear_attn.norm" not in name
-                )
-                p.copy_(0.2 * torch.randn_like(p) + (0.0 if centred else 1.0))
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+    qwen3_next = "qwen3next" in type(hf_model).__name__.lower()
+    randomize_hf_weights(
+        hf_model,
+        torch,
+        lambda name: 0.0 if qwen3_next and "linear_attn.norm" not in name else 1.0,
+    )
 
 
 @pytest.mark.slow
