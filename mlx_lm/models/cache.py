@@ -169,11 +169,15 @@ class KVCache(_BaseCache):
         seed: int = 0,
         layer_idx: int = 0,
         key_centering: bool = True,
+        key_scaling: bool = False,
+        fp16_window: int = 0,
     ):
         """Convert to a `TurboQuantKVCache` holding the same tokens, compressed."""
         from .turboquant_cache import TurboQuantKVCache
 
-        turbo = TurboQuantKVCache(key_bits, value_bits, seed, layer_idx, key_centering)
+        turbo = TurboQuantKVCache(
+            key_bits, value_bits, seed, layer_idx, key_centering, key_scaling, fp16_window
+        )
         if self.keys is not None and self.offset > 0:
             keys, values = self.state
             turbo.update_and_fetch(keys, values)
@@ -326,6 +330,7 @@ class RotatingKVCache(_BaseCache):
         seed: int = 0,
         layer_idx: int = 0,
         key_centering: bool = True,
+        key_scaling: bool = False,
     ):
         """Convert to a `RotatingTurboQuantKVCache` with the same window and tokens."""
         from .turboquant_cache import RotatingTurboQuantKVCache
@@ -339,6 +344,7 @@ class RotatingKVCache(_BaseCache):
             seed,
             layer_idx,
             key_centering,
+            key_scaling,
         )
         if self.keys is not None and self.offset > 0:
             if self.offset > _length(self.keys):
@@ -587,6 +593,8 @@ def make_prompt_cache(
     turbo_value_bits: Optional[int] = None,
     turbo_seed: int = 0,
     turbo_key_centering: bool = True,
+    turbo_key_scaling: bool = False,
+    turbo_fp16_window: int = 0,
 ) -> List[Any]:
     """One cache per layer for `model`.
 
@@ -624,6 +632,8 @@ def make_prompt_cache(
         turbo_value_bits=turbo_value_bits,
         turbo_seed=turbo_seed,
         turbo_key_centering=turbo_key_centering,
+        turbo_key_scaling=turbo_key_scaling,
+        turbo_fp16_window=turbo_fp16_window,
     )
 
 
