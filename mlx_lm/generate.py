@@ -131,8 +131,8 @@ def generate_step(
     turbo_key_bits: Optional[int] = None,
     turbo_value_bits: Optional[int] = None,
     turbo_key_centering: bool = True,
-    turbo_key_scaling: bool = False,
-    turbo_fp16_window: int = 0,
+    turbo_key_scaling: Optional[bool] = None,
+    turbo_fp16_window: Optional[int] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) pairs generated from `prompt`.
 
@@ -480,17 +480,19 @@ def add_kv_args(parser: argparse.ArgumentParser):
         "running key mean (plain TurboQuant_mse; for comparisons).",
     )
     parser.add_argument(
-        "--turbo-key-scaling",
-        action="store_true",
-        help="Also scale TurboQuant keys per channel (from earlier keys' spread) before "
-        "quantizing, folded exactly into the query.",
+        "--turbo-no-key-scaling",
+        dest="turbo_key_scaling",
+        action="store_false",
+        default=None,
+        help="Do not scale TurboQuant keys per channel before quantizing (on by default "
+        "with key centering: scales from earlier keys' spread, folded into the query).",
     )
     parser.add_argument(
         "--turbo-fp16-window",
         type=_non_negative_int,
-        default=0,
+        default=None,
         help="Keep the most recent N tokens' keys and values in FP16 and compress each "
-        "token as it slides out (KIVI-style).",
+        "token as it slides out (KIVI-style; default 64, 0 turns it off).",
     )
 
 
@@ -530,12 +532,8 @@ def check_kv_flags(parser, args):
         parser.error("Give --turbo-kv-bits, or both --turbo-key-bits and --turbo-value-bits.")
     if args.turbo_fp16_layers and not turbo:
         parser.error("--turbo-fp16-layers needs --turbo-kv-bits.")
-    if args.turbo_fp16_window and not turbo:
+    if args.turbo_fp16_window is not None and not turbo:
         parser.error("--turbo-fp16-window needs --turbo-kv-bits.")
-    if args.turbo_key_scaling and not turbo:
-        parser.error("--turbo-key-scaling needs --turbo-kv-bits.")
-    if args.turbo_key_scaling and not args.turbo_key_centering:
-        parser.error("--turbo-key-scaling needs key centering (drop --turbo-no-key-centering).")
 
 
 def turbo_kwargs(args) -> dict:

@@ -147,15 +147,6 @@ def test_cli_too_short_and_bad_flags(tiny_model_dir, tmp_path):
     assert r.returncode != 0 and "use one of them" in r.stderr
     r = run_cli("--model", tiny_model_dir, "--turbo-fp16-window", "64")
     assert r.returncode != 0 and "--turbo-fp16-window needs --turbo-kv-bits" in r.stderr
-    r = run_cli(
-        "--model",
-        tiny_model_dir,
-        "--turbo-kv-bits",
-        "3",
-        "--turbo-key-scaling",
-        "--turbo-no-key-centering",
-    )
-    assert r.returncode != 0 and "--turbo-key-scaling needs key centering" in r.stderr
 
 
 @pytest.mark.slow

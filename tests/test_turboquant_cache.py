@@ -162,8 +162,10 @@ def test_key_means_are_causal_and_chunking_invariant(tmp_path):
 def test_key_centering_roundtrip_and_attention(tmp_path):
     model = make_tiny_model("llama")
     seq = tokens(200, seed=4)
-    cache = make_prompt_cache(model, turbo_kv_bits=4)
-    assert cache[0].key_centering
+    # No float16 window: trimming one drops float16 copies that cannot come back (see
+    # test_fp16_window_trim_and_refeed_gives_the_same_cache).
+    cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_fp16_window=0)
+    assert cache[0].key_centering and cache[0].key_scaling
     model(seq[None, :150], cache=cache)
     assert cache[0].segments_held == 3
     path = str(tmp_path / "centered.safetensors")
@@ -176,7 +178,7 @@ def test_key_centering_roundtrip_and_attention(tmp_path):
     # Trim back past a segment start and re-feed: the same logits as a run that never
     # went past it (chunks of the same shapes).
     assert trim_prompt_cache(cache, 100) == 100 and cache[0].segments_held == 2
-    fresh = make_prompt_cache(model, turbo_kv_bits=4)
+    fresh = make_prompt_cache(model, turbo_kv_bits=4, turbo_fp16_window=0)
     model(seq[None, :100], cache=fresh)
     for c in (cache, fresh):
         last = [model(seq[None, a:b], cache=c) for a, b in [(100, 150), (150, 200)]][-1]
@@ -312,14 +314,14 @@ def test_reconverting_with_other_settings_is_an_error():
     model = make_tiny_model("llama")
     cache = make_prompt_cache(model, turbo_kv_bits=3)
     assert to_turbo_quantized_cache(cache, model, turbo_kv_bits=3) == cache
-    with pytest.raises(ValueError, match=r"\(3, 3, True, False, 0\), not the requested \(4, 4,"):
+    with pytest.raises(ValueError, match=r"\(3, 3, True, True, 64\), not the requested \(4, 4,"):
         to_turbo_quantized_cache(cache, model, turbo_kv_bits=4)
-    with pytest.raises(ValueError, match=r"not the requested \(3, 3, False, False, 0\)"):
+    with pytest.raises(ValueError, match=r"not the requested \(3, 3, False, False, 64\)"):
         to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_centering=False)
-    with pytest.raises(ValueError, match=r"not the requested \(3, 3, True, False, 64\)"):
-        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_fp16_window=64)
     with pytest.raises(ValueError, match=r"not the requested \(3, 3, True, True, 0\)"):
-        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_scaling=True)
+        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_fp16_window=0)
+    with pytest.raises(ValueError, match=r"not the requested \(3, 3, True, False, 64\)"):
+        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_scaling=False)
 
 
 def _windowed_reference(q, k, v, bits, window, scale):

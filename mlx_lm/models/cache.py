@@ -593,8 +593,8 @@ def make_prompt_cache(
     turbo_value_bits: Optional[int] = None,
     turbo_seed: int = 0,
     turbo_key_centering: bool = True,
-    turbo_key_scaling: bool = False,
-    turbo_fp16_window: int = 0,
+    turbo_key_scaling: Optional[bool] = None,
+    turbo_fp16_window: Optional[int] = None,
 ) -> List[Any]:
     """One cache per layer for `model`.
 
@@ -604,7 +604,9 @@ def make_prompt_cache(
 
     With `turbo_kv_bits` (or `turbo_key_bits` / `turbo_value_bits`) the attention layers'
     caches become `TurboQuantKVCache`s, except the first and last `turbo_fp16_layers`
-    attention layers, which stay `KVCache`. See `to_turbo_quantized_cache`.
+    attention layers, which stay `KVCache`. `turbo_key_scaling` and `turbo_fp16_window`
+    default (None) to key scaling where key centering is on and a float16 window of the
+    last 64 tokens. See `to_turbo_quantized_cache`.
     """
     if max_kv_size is not None and (
         isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size < 1

@@ -47,6 +47,11 @@ SUPPORTED_BITS = tuple(range(1, 9))
 KEY_SCALE_EXPONENT = 0.5
 KEY_SCALE_FLOOR = 0.05
 
+# What --turbo-kv-bits N means unless told otherwise (make_prompt_cache and every CLI),
+# chosen by measurement (README, "Choosing the defaults"): the last 64 tokens in float16
+# and key scaling wherever key centering is on.
+DEFAULT_FP16_WINDOW = 64
+
 
 # Compiled once per bit width (and head_dim): fusing the dozens of small ops of
 # quantize/dequantize into a few kernels matters on the GPU, where launches dominate.
@@ -775,8 +780,8 @@ def to_turbo_quantized_cache(
     turbo_value_bits=None,
     turbo_seed: int = 0,
     turbo_key_centering: bool = True,
-    turbo_key_scaling: bool = False,
-    turbo_fp16_window: int = 0,
+    turbo_key_scaling: Optional[bool] = None,
+    turbo_fp16_window: Optional[int] = None,
 ):
     """A new cache list with the attention layers' KV caches as TurboQuantKVCache.
 
@@ -784,7 +789,8 @@ def to_turbo_quantized_cache(
     are). SSM/linear-attention state (`ArraysCache`) is kept exactly; the first and last
     `turbo_fp16_layers` attention layers stay FP16; sliding-window (rotating) caches
     become `RotatingTurboQuantKVCache`s with the same window. `turbo_key_scaling` and
-    `turbo_fp16_window` are `TurboQuantKVCache`'s `key_scaling` and `fp16_window`; the
+    `turbo_fp16_window` are `TurboQuantKVCache`'s `key_scaling` and `fp16_window`
+    (None: key scaling when key centering is on, a window of `DEFAULT_FP16_WINDOW`); the
     window applies to unbounded layers only (a ring is short already). Anything else - latent (MLA) caches, affine-quantized
     caches, unknown classes - is a ValueError naming the layer, its cache class and the
     model type. Validation happens before anything is converted, and the input list is
@@ -793,7 +799,11 @@ def to_turbo_quantized_cache(
     from .cache import ArraysCache, KVCache, RotatingKVCache
 
     key_bits, value_bits = resolve_turbo_bits(turbo_kv_bits, turbo_key_bits, turbo_value_bits)
-    window = check_fp16_window(turbo_fp16_window)
+    window = check_fp16_window(
+        DEFAULT_FP16_WINDOW if turbo_fp16_window is None else turbo_fp16_window
+    )
+    if turbo_key_scaling is None:
+        turbo_key_scaling = bool(turbo_key_centering)
     if turbo_key_scaling and not turbo_key_centering:
         raise ValueError(
             "turbo_key_scaling (--turbo-key-scaling) needs key centering: drop "
