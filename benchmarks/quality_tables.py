@@ -59,6 +59,10 @@ CONFIGS = {
     "--turbo-kv-bits 4": ({"turbo_kv_bits": 4}, {}),
     "--turbo-kv-bits 3": ({"turbo_kv_bits": 3}, {}),
     "--turbo-kv-bits 2": ({"turbo_kv_bits": 2}, {}),
+    # Candidates for a high-quality setting (<= 6 bits per value).
+    "--turbo-key-bits 5 --turbo-value-bits 4": ({"turbo_key_bits": 5, "turbo_value_bits": 4}, {}),
+    "--turbo-key-bits 6 --turbo-value-bits 4": ({"turbo_key_bits": 6, "turbo_value_bits": 4}, {}),
+    "--turbo-key-bits 5 --turbo-value-bits 5": ({"turbo_key_bits": 5, "turbo_value_bits": 5}, {}),
 }
 
 
