@@ -4,8 +4,8 @@ norm per vector (arXiv 2504.19874, TurboQuant_mse).
 Per token and KV head the cache holds `packed_words(head_dim, bits)` uint32 words of
 codes and one float16 norm, for keys and values separately: at head_dim 128 and 3 bits
 that is 48 + 2 bytes instead of 256 bytes of FP16. There is no FP16 shadow copy: the
-packed codes and norms are the only copy of the context. With `fp16_window` = W the last W tokens are held in float16
-instead (their only copy) and each is quantized as it slides out.
+packed codes and norms are the only copy of the context. With `fp16_window` = W the last
+W tokens are held in float16 instead (their only copy), each quantized as it slides out.
 
 Keys are quantized as residuals from a causal running key mean (see `key_mean_segment`):
 keys carry a large per-channel offset that costs quantization levels without carrying
@@ -143,7 +143,7 @@ class TurboQuantCodec:
     key scaling, attention runs the reference path.
     """
 
-    def _init_codec(self, key_bits, value_bits, seed, layer_idx, key_centering, key_scaling=0):
+    def _init_codec(self, key_bits, value_bits, seed, layer_idx, key_centering, key_scaling=False):
         self.key_bits = check_turbo_bits("key_bits", key_bits)
         self.value_bits = check_turbo_bits("value_bits", value_bits)
         self.seed = seed
@@ -152,8 +152,8 @@ class TurboQuantCodec:
         self.key_scaling = bool(key_scaling)
         if self.key_scaling and not self.key_centering:
             raise ValueError(
-                "Key scaling (--turbo-key-scaling) works per key-mean segment: it needs key "
-                "centering (drop --turbo-no-key-centering)."
+                "Key scaling works per key-mean segment: it needs key centering (drop "
+                "--turbo-no-key-centering, or add --turbo-no-key-scaling)."
             )
         self.head_dim = None
         # M_1, M_2, ... as [B, n_kv_heads, segments - 1, head_dim] float16 in the rotated
@@ -806,8 +806,8 @@ def to_turbo_quantized_cache(
         turbo_key_scaling = bool(turbo_key_centering)
     if turbo_key_scaling and not turbo_key_centering:
         raise ValueError(
-            "turbo_key_scaling (--turbo-key-scaling) needs key centering: drop "
-            "turbo_key_centering=False (--turbo-no-key-centering)."
+            "turbo_key_scaling=True needs key centering: drop turbo_key_centering=False "
+            "(--turbo-no-key-centering)."
         )
     model_type = getattr(model, "model_type", type(model).__name__)
     latent = getattr(getattr(model, "args", None), "kv_lora_rank", None)
