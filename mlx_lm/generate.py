@@ -131,6 +131,8 @@ def generate_step(
     turbo_key_bits: Optional[int] = None,
     turbo_value_bits: Optional[int] = None,
     turbo_key_centering: bool = True,
+    turbo_key_scaling: Optional[bool] = None,
+    turbo_fp16_window: Optional[int] = None,
 ) -> Generator[Tuple[int, mx.array], None, None]:
     """Yield (token, logprobs) pairs generated from `prompt`.
 
@@ -152,7 +154,7 @@ def generate_step(
         prompt_progress_callback: called as (processed, total) during prefill.
         input_embeddings: optional embeddings used in place of the prompt's tokens.
         turbo_kv_bits, turbo_fp16_layers, turbo_key_bits, turbo_value_bits,
-            turbo_key_centering: compress the KV cache with TurboQuant (see
+            turbo_key_centering, turbo_key_scaling, turbo_fp16_window: compress the KV cache with TurboQuant (see
             `make_prompt_cache`); a caller's own `prompt_cache` is converted layer by
             layer, in place.
     """
@@ -171,6 +173,8 @@ def generate_step(
         turbo_key_bits=turbo_key_bits,
         turbo_value_bits=turbo_value_bits,
         turbo_key_centering=turbo_key_centering,
+        turbo_key_scaling=turbo_key_scaling,
+        turbo_fp16_window=turbo_fp16_window,
     )
     use_turbo = any(
         turbo[k] is not None for k in ("turbo_kv_bits", "turbo_key_bits", "turbo_value_bits")
@@ -688,6 +692,21 @@ def add_kv_args(parser: argparse.ArgumentParser):
         help="Quantize TurboQuant keys as they are, not as residuals from the causal "
         "running key mean (plain TurboQuant_mse; for comparisons).",
     )
+    parser.add_argument(
+        "--turbo-no-key-scaling",
+        dest="turbo_key_scaling",
+        action="store_false",
+        default=None,
+        help="Do not scale TurboQuant keys per channel before quantizing (on by default "
+        "with key centering: scales from earlier keys' spread, folded into the query).",
+    )
+    parser.add_argument(
+        "--turbo-fp16-window",
+        type=_non_negative_int,
+        default=None,
+        help="Keep the most recent N tokens' keys and values in FP16 and compress each "
+        "token as it slides out (KIVI-style; default 64, 0 turns it off).",
+    )
 
 
 def _turbo_bits(flag: str, choices):
@@ -726,6 +745,8 @@ def check_kv_flags(parser, args):
         parser.error("Give --turbo-kv-bits, or both --turbo-key-bits and --turbo-value-bits.")
     if args.turbo_fp16_layers and not turbo:
         parser.error("--turbo-fp16-layers needs --turbo-kv-bits.")
+    if args.turbo_fp16_window is not None and not turbo:
+        parser.error("--turbo-fp16-window needs --turbo-kv-bits.")
 
 
 def turbo_kwargs(args) -> dict:
@@ -735,6 +756,8 @@ def turbo_kwargs(args) -> dict:
         turbo_key_bits=args.turbo_key_bits,
         turbo_value_bits=args.turbo_value_bits,
         turbo_key_centering=args.turbo_key_centering,
+        turbo_key_scaling=args.turbo_key_scaling,
+        turbo_fp16_window=args.turbo_fp16_window,
     )
 
 

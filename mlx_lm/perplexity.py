@@ -158,6 +158,10 @@ def describe_config(args) -> str:
             parts.append(f"fp16-layers {args.turbo_fp16_layers}")
         if not args.turbo_key_centering:
             parts.append("uncentered")
+        if args.turbo_key_scaling is False and args.turbo_key_centering:
+            parts.append("unscaled")
+        if args.turbo_fp16_window is not None:
+            parts.append(f"fp16-window {args.turbo_fp16_window}")
     else:
         parts.append("fp16")
     if args.max_kv_size is not None:

@@ -145,6 +145,8 @@ def test_cli_too_short_and_bad_flags(tiny_model_dir, tmp_path):
     assert "--context 2048 needs 2049" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--model", tiny_model_dir, "--kv-bits", "4", "--turbo-kv-bits", "4")
     assert r.returncode != 0 and "use one of them" in r.stderr
+    r = run_cli("--model", tiny_model_dir, "--turbo-fp16-window", "64")
+    assert r.returncode != 0 and "--turbo-fp16-window needs --turbo-kv-bits" in r.stderr
 
 
 @pytest.mark.slow

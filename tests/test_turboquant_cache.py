@@ -162,8 +162,10 @@ def test_key_means_are_causal_and_chunking_invariant(tmp_path):
 def test_key_centering_roundtrip_and_attention(tmp_path):
     model = make_tiny_model("llama")
     seq = tokens(200, seed=4)
-    cache = make_prompt_cache(model, turbo_kv_bits=4)
-    assert cache[0].key_centering
+    # No float16 window: trimming one drops float16 copies that cannot come back (see
+    # test_fp16_window_trim_and_refeed_gives_the_same_cache).
+    cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_fp16_window=0)
+    assert cache[0].key_centering and cache[0].key_scaling
     model(seq[None, :150], cache=cache)
     assert cache[0].segments_held == 3
     path = str(tmp_path / "centered.safetensors")
@@ -176,7 +178,7 @@ def test_key_centering_roundtrip_and_attention(tmp_path):
     # Trim back past a segment start and re-feed: the same logits as a run that never
     # went past it (chunks of the same shapes).
     assert trim_prompt_cache(cache, 100) == 100 and cache[0].segments_held == 2
-    fresh = make_prompt_cache(model, turbo_kv_bits=4)
+    fresh = make_prompt_cache(model, turbo_kv_bits=4, turbo_fp16_window=0)
     model(seq[None, :100], cache=fresh)
     for c in (cache, fresh):
         last = [model(seq[None, a:b], cache=c) for a, b in [(100, 150), (150, 200)]][-1]
@@ -312,7 +314,144 @@ def test_reconverting_with_other_settings_is_an_error():
     model = make_tiny_model("llama")
     cache = make_prompt_cache(model, turbo_kv_bits=3)
     assert to_turbo_quantized_cache(cache, model, turbo_kv_bits=3) == cache
-    with pytest.raises(ValueError, match="key/value bits 3/3 and key centering on.*4/4"):
+    with pytest.raises(ValueError, match=r"\(3, 3, True, True, 64\), not the requested \(4, 4,"):
         to_turbo_quantized_cache(cache, model, turbo_kv_bits=4)
-    with pytest.raises(ValueError, match="key centering on, not the requested 3/3 and off"):
+    with pytest.raises(ValueError, match=r"not the requested \(3, 3, False, False, 64\)"):
         to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_centering=False)
+    with pytest.raises(ValueError, match=r"not the requested \(3, 3, True, True, 0\)"):
+        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_fp16_window=0)
+    with pytest.raises(ValueError, match=r"not the requested \(3, 3, True, False, 64\)"):
+        to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_scaling=False)
+
+
+def _windowed_reference(q, k, v, bits, window, scale):
+    """Attention of every query p over keys (p - W, p] in float16 and older ones as a
+    window-less cache reconstructs them: the definition `fp16_window` must meet."""
+    plain = TurboQuantKVCache(bits, bits)
+    plain.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
+    kd, vd = plain._fetch(mx.float32)
+    kf, vf = k.astype(mx.float16).astype(mx.float32), v.astype(mx.float16).astype(mx.float32)
+    group = q.shape[1] // k.shape[1]
+    out = []
+    for p in range(k.shape[2]):
+        recent = (mx.arange(p + 1) > p - window)[None, None, :, None]
+        kk = mx.where(recent, kf[:, :, : p + 1], kd[:, :, : p + 1])
+        vv = mx.where(recent, vf[:, :, : p + 1], vd[:, :, : p + 1])
+        kk, vv = mx.repeat(kk, group, axis=1), mx.repeat(vv, group, axis=1)
+        out.append(mx.fast.scaled_dot_product_attention(q[:, :, p : p + 1], kk, vv, scale=scale))
+    return mx.concatenate(out, axis=2)
+
+
+def _feed(cache, q, k, v, chunks):
+    out = []
+    for a, b in chunks:
+        kd, vd = cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
+        mask = "causal" if b - a > 1 else None
+        out.append(scaled_dot_product_attention(q[:, :, a:b], kd, vd, cache, 0.125, mask))
+    return mx.concatenate(out, axis=2)
+
+
+def test_fp16_window_attention_is_chunking_invariant_and_matches_its_definition(tmp_path):
+    T, W = 300, 40
+    k = mx.random.normal((1, 2, T, 64)) + 2.0 * mx.random.normal((1, 2, 1, 64))
+    v, q = mx.random.normal((1, 2, T, 64)), mx.random.normal((1, 4, T, 64))
+    one, chunked = TurboQuantKVCache(3, 3, fp16_window=W), TurboQuantKVCache(3, 3, fp16_window=W)
+    a = _feed(one, q, k, v, [(0, T)])
+    b = _feed(chunked, q, k, v, [(0, 7), (7, 8), (8, 100), (100, 101), (101, 250), (250, T)])
+    want = _windowed_reference(q, k, v, 3, W, 0.125)
+    np.testing.assert_allclose(np.array(a), np.array(want), atol=1e-5)
+    np.testing.assert_allclose(np.array(b), np.array(want), atol=1e-5)
+    assert (one.coded, one.offset) == (T - W, T)
+    for x, y in zip(one.state, chunked.state):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+    # Held: codes of the first T - W tokens and float16 K/V of the last W, nothing more
+    # once the next update has run (a decode step: one token slides out).
+    one.update_and_fetch(k[:, :, :1], v[:, :, :1])
+    plain = TurboQuantKVCache(3, 3)
+    plain.update_and_fetch(k[:, :, : T + 1 - W], v[:, :, : T + 1 - W])
+    assert one.nbytes == plain.nbytes + 2 * (2 * (W + 1) * 64 * 2)  # this step's block
+    assert sum(x.nbytes for x in one.state[6:]) == 2 * 2 * W * 64 * 2
+    # Save / load / deepcopy keep the window; the next step's attention is identical.
+    path = str(tmp_path / "window.safetensors")
+    save_prompt_cache(path, [one])
+    (loaded,) = load_prompt_cache(path)
+    twin = copy.deepcopy(one)
+    assert loaded.fp16_window == W and (loaded.coded, loaded.offset) == (one.coded, one.offset)
+    outs = [
+        _feed(c, q[:, :, :3], k[:, :, 5:8], v[:, :, 5:8], [(0, 3)]) for c in (one, loaded, twin)
+    ]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(np.array(outs[0]), np.array(o))
+
+
+@pytest.mark.parametrize("n", [10, 100])
+def test_fp16_window_trim_and_refeed_gives_the_same_cache(n):
+    """Trimming within the window or past it, then feeding the same tokens again, gives
+    the state of a cache that was never trimmed (codes depend only on the tokens)."""
+    T, W = 300, 40
+    k, v = mx.random.normal((1, 2, T, 64)), mx.random.normal((1, 2, T, 64))
+    a, b = TurboQuantKVCache(4, 3, fp16_window=W), TurboQuantKVCache(4, 3, fp16_window=W)
+    a.update_and_fetch(k, v)
+    b.update_and_fetch(k, v)
+    assert b.trim(n) == n and b.offset == T - n and b.coded == min(T - W, T - n)
+    b.update_and_fetch(k[:, :, T - n :], v[:, :, T - n :])
+    for x, y in zip(a.state, b.state):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+
+
+def test_fp16_window_and_key_scaling_through_the_model(tmp_path):
+    model = make_tiny_model("llama")
+    seq = tokens(120, seed=2)
+    kw = dict(turbo_kv_bits=3, turbo_fp16_window=16, turbo_key_scaling=True)
+    cache = make_prompt_cache(model, **kw)
+    assert (cache[0].fp16_window, cache[0].key_scaling) == (16, True)
+    model(seq[None, :100], cache=cache)
+    assert cache[0].key_scales.shape == (1, 2, 1, 16)  # segment 1 opened (position 32)
+    path = str(tmp_path / "both.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    a = greedy(model, seq[100:], 5, cache)
+    assert a == greedy(model, seq[100:], 5, loaded)
+    chunked = make_prompt_cache(model, **kw)
+    for s in range(0, 100, 30):
+        model(seq[None, s : min(s + 30, 100)], cache=chunked)
+    assert a == greedy(model, seq[100:], 5, chunked)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        make_prompt_cache(model, turbo_kv_bits=3, turbo_fp16_window=-1)
+    with pytest.raises(ValueError, match="needs key centering"):
+        make_prompt_cache(model, turbo_kv_bits=3, turbo_key_scaling=True, turbo_key_centering=False)
+
+
+def test_key_scaling_is_causal_and_helps_keys_with_per_channel_scale():
+    """σ_s is the per-channel spread of the reconstructed keys before segment s (RoPE
+    pairs i, i + d/2 shared) to the power 1/2; scores of isotropic queries against keys
+    whose channels differ in scale by 100x are much more accurate with it."""
+    scales = mx.array(np.geomspace(0.1, 10.0, 32).astype(np.float32))
+    scales = mx.concatenate([scales, scales])
+    k = mx.random.normal((1, 2, 600, 64)) * scales
+    one, chunked = TurboQuantKVCache(3, 3, key_scaling=True), TurboQuantKVCache(
+        3, 3, key_scaling=True
+    )
+    one.update_and_fetch(k, k)
+    for a, b in [(0, 5), (5, 6), (6, 200), (200, 511), (511, 512), (512, 600)]:
+        chunked.update_and_fetch(k[:, :, a:b], k[:, :, a:b])
+    for x, y in zip(one.state, chunked.state):
+        np.testing.assert_array_equal(np.array(x), np.array(y))
+    assert one.key_scales.shape == (1, 2, 3, 64)
+    s = np.array(one.key_scales[0, 0, 0], dtype=np.float32)
+    np.testing.assert_array_equal(s[:32], s[32:])
+    # Follows the channels' spread: std^1/2 is 10x apart here, less in the estimate
+    # because the first 32 keys are reconstructed from 3-bit codes whose error is
+    # spread evenly over the channels.
+    assert s[31] / s[0] > 3
+    plain = TurboQuantKVCache(3, 3)
+    plain.update_and_fetch(k, k)
+    q = mx.random.normal((1, 2, 8, 64))
+    exact = q @ k[:, :, 32:].swapaxes(-1, -2)
+
+    def score_error(c):
+        kd, _ = c._fetch(mx.float32)
+        return float(mx.mean((q @ kd[:, :, 32:].swapaxes(-1, -2) - exact) ** 2))
+
+    # Expected ratio (Σσ)² / (d Σσ²) = 0.43 for these channel scales.
+    assert score_error(one) < 0.6 * score_error(plain), (score_error(one), score_error(plain))

@@ -109,13 +109,14 @@ def test_conversion_of_a_filled_ring():
 
 def test_gemma3_inside_window_matches_unbounded_turbo_cache():
     """Gemma 3 with TurboQuant: sliding layers get TurboQuant rings; inside the window
-    the model equals the same model with unbounded TurboQuant caches everywhere."""
+    the model equals the same model with unbounded TurboQuant caches everywhere (key
+    scaling on, as by default; no float16 window, which rings do not have)."""
     W = 64
     model = make_tiny_model("gemma3_text", head_dim=64, sliding_window=W, sliding_window_pattern=2)
-    cache = make_prompt_cache(model, turbo_kv_bits=4)
+    cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_fp16_window=0)
     kinds = [type(c).__name__ for c in cache]
     assert "RotatingTurboQuantKVCache" in kinds and "TurboQuantKVCache" in kinds
-    unbounded = [TurboQuantKVCache(4, 4, 0, i) for i in range(len(model.layers))]
+    unbounded = [TurboQuantKVCache(4, 4, 0, i, key_scaling=True) for i in range(len(model.layers))]
     seq = tokens(60, seed=7)
     np.testing.assert_allclose(
         np.array(model(seq[None, :40], cache=cache)),

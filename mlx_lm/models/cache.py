@@ -169,11 +169,15 @@ class KVCache(_BaseCache):
         seed: int = 0,
         layer_idx: int = 0,
         key_centering: bool = True,
+        key_scaling: bool = False,
+        fp16_window: int = 0,
     ):
         """Convert to a `TurboQuantKVCache` holding the same tokens, compressed."""
         from .turboquant_cache import TurboQuantKVCache
 
-        turbo = TurboQuantKVCache(key_bits, value_bits, seed, layer_idx, key_centering)
+        turbo = TurboQuantKVCache(
+            key_bits, value_bits, seed, layer_idx, key_centering, key_scaling, fp16_window
+        )
         if self.keys is not None and self.offset > 0:
             keys, values = self.state
             turbo.update_and_fetch(keys, values)
@@ -326,6 +330,7 @@ class RotatingKVCache(_BaseCache):
         seed: int = 0,
         layer_idx: int = 0,
         key_centering: bool = True,
+        key_scaling: bool = False,
     ):
         """Convert to a `RotatingTurboQuantKVCache` with the same window and tokens."""
         from .turboquant_cache import RotatingTurboQuantKVCache
@@ -339,6 +344,7 @@ class RotatingKVCache(_BaseCache):
             seed,
             layer_idx,
             key_centering,
+            key_scaling,
         )
         if self.keys is not None and self.offset > 0:
             if self.offset > _length(self.keys):
@@ -844,6 +850,8 @@ def make_prompt_cache(
     turbo_value_bits: Optional[int] = None,
     turbo_seed: int = 0,
     turbo_key_centering: bool = True,
+    turbo_key_scaling: Optional[bool] = None,
+    turbo_fp16_window: Optional[int] = None,
 ) -> List[Any]:
     """One cache per layer for `model`.
 
@@ -853,7 +861,9 @@ def make_prompt_cache(
 
     With `turbo_kv_bits` (or `turbo_key_bits` / `turbo_value_bits`) the attention layers'
     caches become `TurboQuantKVCache`s, except the first and last `turbo_fp16_layers`
-    attention layers, which stay `KVCache`. See `to_turbo_quantized_cache`.
+    attention layers, which stay `KVCache`. `turbo_key_scaling` and `turbo_fp16_window`
+    default (None) to key scaling where key centering is on and a float16 window of the
+    last 64 tokens. See `to_turbo_quantized_cache`.
     """
     if max_kv_size is not None and (
         isinstance(max_kv_size, bool) or not isinstance(max_kv_size, int) or max_kv_size < 1
@@ -881,6 +891,8 @@ def make_prompt_cache(
         turbo_value_bits=turbo_value_bits,
         turbo_seed=turbo_seed,
         turbo_key_centering=turbo_key_centering,
+        turbo_key_scaling=turbo_key_scaling,
+        turbo_fp16_window=turbo_fp16_window,
     )
 
 

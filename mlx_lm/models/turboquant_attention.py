@@ -31,8 +31,59 @@ def turboquant_scaled_dot_product_attention(
     backend = fused_backend()
     if backend is not None and supports(queries, cache, mask):
         return fused_decode_attention(queries, cache, scale, mask, backend)
+    if getattr(cache, "recent_keys", None) is not None:
+        return windowed_attention(queries, cache, scale, mask)
     dtype = queries.dtype
     q_rot = rotate(queries.astype(mx.float32), cache.key_signs).astype(dtype)
     k_rot, v_rot = cache.rotated_keys_values(dtype)
     out_rot = mx.fast.scaled_dot_product_attention(q_rot, k_rot, v_rot, scale=scale, mask=mask)
     return inverse_rotate(out_rot.astype(mx.float32), cache.value_signs).astype(dtype)
+
+
+def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[Any]) -> mx.array:
+    """Attention over a TurboQuantKVCache with a float16 window (`fp16_window` = W).
+
+    The L queries sit at positions p = offset - L .. offset - 1. The cache holds codes of
+    positions [0, C) and float16 keys/values of [R, offset) (R <= C). Query p reads key j
+    in float16 when max(R, p - W + 1) <= j <= p and through its codes when j is below
+    that bound, so each position is counted once. Both parts go to one
+    `mx.fast.scaled_dot_product_attention` in the rotated domains (Πq·Πk = q·k, and
+    Πᵥᵀ Σ P Πᵥv = Σ P v), over the codes' columns then the window's, with a boolean mask
+    that picks, per query, which copy of each position counts:
+
+        out_p = Πᵥᵀ softmax_j(scale · Πq_p · [Πk̂_j | Πk_j] + mask) [Πv̂_j | Πᵥv_j]
+
+    A model mask (array over the offset columns) is applied to both parts.
+    """
+    B, n_q, L, D = queries.shape
+    offset, coded, start, window = cache.offset, cache.coded, cache.recent_start, cache.fp16_window
+    dtype = queries.dtype
+    q_rot = rotate(queries, cache.key_signs).astype(dtype)
+    keys = [rotate(cache.recent_keys, cache.key_signs).astype(dtype)]
+    values = [rotate(cache.recent_values, cache.value_signs).astype(dtype)]
+    p = mx.arange(offset - L, offset)[:, None]  # query positions [L, 1]
+    bound = mx.maximum(p - window + 1, start)
+    j = mx.arange(start, offset)[None]
+    allowed = [(j >= bound) & (j <= p)]
+    cols = [(start, offset)]
+    if coded:
+        k_rot, v_rot = cache.rotated_keys_values(dtype)
+        keys.insert(0, k_rot)
+        values.insert(0, v_rot)
+        allowed.insert(0, mx.arange(coded)[None] < bound)
+        cols.insert(0, (0, coded))
+    allowed = mx.concatenate(allowed, axis=-1)
+    if isinstance(mask, mx.array):
+        model_mask = mx.concatenate([mask[..., a:b] for a, b in cols], axis=-1)
+        if model_mask.dtype == mx.bool_:
+            allowed = allowed & model_mask
+        else:
+            allowed = mx.where(allowed, model_mask.astype(dtype), mx.array(-mx.inf, dtype))
+    out_rot = mx.fast.scaled_dot_product_attention(
+        q_rot,
+        mx.concatenate(keys, axis=2),
+        mx.concatenate(values, axis=2),
+        scale=scale,
+        mask=allowed,
+    )
+    return inverse_rotate(out_rot, cache.value_signs).astype(dtype)

@@ -561,6 +561,9 @@ def supports(queries: mx.array, cache, mask) -> bool:
     B, n_q_heads, L, D = queries.shape
     if L > MAX_QUERY_TOKENS or cache.head_dim != D or D % 32:
         return False
+    # Key scaling and a float16 window change the attention math: reference path.
+    if getattr(cache, "key_scales", None) is not None or getattr(cache, "fp16_window", 0):
+        return False
     rows = n_q_heads // cache.n_kv_heads * L
     nt = threads_per_group(D)
     value_words = (D * cache.value_bits + 31) // 32
