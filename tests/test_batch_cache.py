@@ -21,7 +21,11 @@ from mlx_lm.sample_utils import make_sampler
 
 CONFIGS = {
     "fp16": {},
-    "tq3": dict(turbo_kv_bits=3),
+    "tq3": dict(turbo_kv_bits=3),  # the defaults: key scaling, a 64-token FP16 window
+    # Small windows, so that tokens slide out (and open segment 1) while batched.
+    "tq3-window8": dict(turbo_kv_bits=3, turbo_fp16_window=8),
+    "tq3-window-only": dict(turbo_kv_bits=3, turbo_key_scaling=False, turbo_fp16_window=4),
+    "tq3-scaling-only": dict(turbo_kv_bits=3, turbo_fp16_window=0),
     "tq3-fp16-edge-layers": dict(turbo_kv_bits=3, turbo_fp16_layers=1),
     "tq2-no-centering": dict(turbo_kv_bits=2, turbo_key_centering=False),
 }
@@ -48,7 +52,15 @@ def _same_state(a, b, tol=1e-4):
     assert len(a.state) == len(b.state)
     for x, y in zip(a.state, b.state):
         assert x.shape == y.shape
-        diff = mx.abs(x.astype(mx.float32) - y.astype(mx.float32)).max().item()
+        if x.size == 0:  # an absent array (no codes yet, no window tokens)
+            continue
+        if not mx.issubdtype(x.dtype, mx.floating):  # codes, segment ids: exactly
+            assert mx.array_equal(x, y)
+            continue
+        # Float16 window tokens: batched matmuls may round the model's keys one float16
+        # ulp apart from a batch of one.
+        x, y = x.astype(mx.float32), y.astype(mx.float32)
+        diff = (mx.abs(x - y) - 1e-3 * mx.abs(y)).max().item()
         assert diff <= tol, diff
 
 
@@ -56,7 +68,9 @@ def _same_state(a, b, tol=1e-4):
 def test_batch_cache_matches_each_sequence_alone(model, config):
     """Unequal lengths (30 and 40 cross the key-mean segment start at 32 while
     decoding), a sequence filtered out mid-way and a new one extended in: every logit and
-    every extracted cache equals the sequence's own run."""
+    every extracted cache (codes, key means and scales, float16 window) equals the
+    sequence's own run, fed the same tokens one at a time (a prefill of them could
+    differ from it by float16 rounding of the model's keys)."""
     kw = CONFIGS[config]
     prompts = [_tokens(1, 30), _tokens(2, 5), _tokens(3, 40)]
     late = _tokens(4, 20)
@@ -80,7 +94,7 @@ def test_batch_cache_matches_each_sequence_alone(model, config):
         if step == 3:
             # Sequence 1 leaves (after 3 tokens), sequence 3 joins.
             short = [c.extract(rows[1]) for c in batch]
-            ref = _prefilled(model, prompts[1] + forced[1][:3], kw)
+            ref = solo(prompts[1], forced[1][:3])[1]
             for a, b in zip(short, ref):
                 _same_state(a, b)
             for c in batch:
@@ -101,9 +115,9 @@ def test_batch_cache_matches_each_sequence_alone(model, config):
     for i in (0, 2, 3):
         n = len(got[i])
         diff = mx.abs(mx.stack(got[i]) - expected[i][0][:n]).max().item()
-        assert diff < 1e-4, (i, diff)
+        assert diff < 5e-4, (i, diff)  # (one-ulp float16 window differences, see above)
         out = [c.extract(rows[i]) for c in batch]
-        ref = _prefilled(model, (prompts + [late])[i] + forced[i][:n], kw)
+        ref = solo((prompts + [late])[i], forced[i][:n])[1]
         for a, b in zip(out, ref):
             _same_state(a, b)
 
