@@ -57,10 +57,10 @@ def _same_state(a, b, tol=1e-4):
         if not mx.issubdtype(x.dtype, mx.floating):  # codes, segment ids: exactly
             assert mx.array_equal(x, y)
             continue
-        # Float16 window tokens: batched matmuls may round the model's keys one float16
-        # ulp apart from a batch of one.
+        # Float16 window tokens: batched matmuls give the model's keys a few 1e-4 apart
+        # from a batch of one (one float16 ulp, or a few for small values).
         x, y = x.astype(mx.float32), y.astype(mx.float32)
-        diff = (mx.abs(x - y) - 1e-3 * mx.abs(y)).max().item()
+        diff = (mx.abs(x - y) - 2e-3 * mx.abs(y)).max().item()
         assert diff <= tol, diff
 
 
@@ -115,11 +115,40 @@ def test_batch_cache_matches_each_sequence_alone(model, config):
     for i in (0, 2, 3):
         n = len(got[i])
         diff = mx.abs(mx.stack(got[i]) - expected[i][0][:n]).max().item()
-        assert diff < 5e-4, (i, diff)  # (one-ulp float16 window differences, see above)
+        assert diff < 5e-4, (i, diff)  # (float16 window rounding, see `_same_state`)
         out = [c.extract(rows[i]) for c in batch]
         ref = solo((prompts + [late])[i], forced[i][:n])[1]
         for a, b in zip(out, ref):
             _same_state(a, b)
+
+
+@pytest.mark.parametrize("config", ["tq3-window8", "tq3-window-only"])
+def test_batch_window_after_trim_and_multi_token_steps(model, config):
+    """Caches trimmed before they join (prompt-cache reuse: fewer float16 tokens than
+    the window) and steps of several tokens per sequence (queries reading float16
+    from where their update began): each row still matches its sequence alone."""
+    kw = CONFIGS[config]
+
+    def start(seed, n, trim):
+        cache = _prefilled(model, _tokens(seed, n), kw)
+        for layer in cache:
+            layer.trim(trim)
+        return cache
+
+    specs = [(50, 30, 3), (51, 12, 0), (52, 45, 6)]
+    feeds = [[_tokens(60 + i, 3), _tokens(70 + i, 1), _tokens(80 + i, 2)] for i in range(3)]
+    alone = [start(*s) for s in specs]
+    batch = merge_caches([start(*s) for s in specs])
+    for step in range(3):
+        got = model(mx.array([f[step] for f in feeds]), cache=batch)
+        for i, cache in enumerate(alone):
+            want = model(mx.array([feeds[i][step]]), cache=cache)[0]
+            # Up to float16 rounding of the window keys, which batched matmuls may
+            # round apart (a batch of one gives these logits exactly).
+            assert mx.abs(got[i] - want).max().item() < 2e-3, (step, i)
+    for i, cache in enumerate(alone):
+        for a, b in zip([c.extract(i) for c in batch], cache):
+            _same_state(a, b, tol=1e-3)  # codes still exactly
 
 
 def test_batch_mask_hides_padding_and_rope_takes_offsets():
