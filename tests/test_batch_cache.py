@@ -188,6 +188,16 @@ def test_batch_cache_errors_name_the_problem():
         c.update_and_fetch(mx.ones((1, 2, 2, 32)), mx.ones((1, 2, 2, 32)))
     with pytest.raises(ValueError, match="different settings"):
         BatchTurboQuantKVCache.merge([a, b])
+    # Key scaling and the FP16 window are settings too.
+    a, b, c = (
+        TurboQuantKVCache(3, 3, key_scaling=scaling, fp16_window=w)
+        for scaling, w in ((True, 4), (True, 8), (False, 4))
+    )
+    for x in (a, b, c):
+        x.update_and_fetch(mx.ones((1, 2, 6, 32)), mx.ones((1, 2, 6, 32)))
+    for other in (b, c):
+        with pytest.raises(ValueError, match="different settings"):
+            BatchTurboQuantKVCache.merge([a, other])
 
 
 @pytest.mark.parametrize("config", ["fp16", "tq3"])
