@@ -12,8 +12,8 @@ evaluated on another. Requests wait in a FIFO queue for the worker.
 Continuous batching (`--max-batch-size`, default 8): between decode steps the worker
 takes queued requests, prefills each alone on its own prompt cache (so prompt-cache
 reuse stays per request), merges that cache into the running batch (`BatchKVCache` /
-`BatchTurboQuantKVCache`: left-padded, per-sequence offsets and TurboQuant key-mean
-segments) and decodes every request in one forward pass per token. A request leaves the
+`BatchTurboQuantKVCache`: left-padded, per-sequence offsets, TurboQuant key-mean
+segments, key scales and FP16 windows) and decodes every request in one forward pass per token. A request leaves the
 batch when it ends, fails or its client disconnects; its cache is extracted back into a
 per-request cache for the store. Each request keeps its own sampler, stop strings,
 logprobs and PRNG key (a seeded request samples the same tokens whatever it is batched

@@ -41,38 +41,43 @@ def turboquant_scaled_dot_product_attention(
 
 
 def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[Any]) -> mx.array:
-    """Attention over a TurboQuantKVCache with a float16 window (`fp16_window` = W).
+    """Attention over a TurboQuant cache with a float16 window (`fp16_window` = W), a
+    single-sequence one or a left-padded batch.
 
-    The L queries sit at positions p = offset - L .. offset - 1. The cache holds codes of
-    positions [0, C) and float16 keys/values of [R, offset) (R <= C). Query p reads key j
-    in float16 when max(R, p - W + 1) <= j <= p and through its codes when j is below
-    that bound, so each position is counted once. Both parts go to one
-    `mx.fast.scaled_dot_product_attention` in the rotated domains (Πq·Πk = q·k, and
+    The L queries of a row sit at positions p = n - L .. n - 1 (n: the row's tokens).
+    The row holds codes of positions [0, C) and float16 keys/values of [R, n) (R <= C).
+    Query p reads key j in float16 when max(R, p - W + 1) <= j <= p and through its
+    codes when j is below that bound, so each position is counted once. Both parts go to
+    one `mx.fast.scaled_dot_product_attention` in the rotated domains (Πq·Πk = q·k, and
     Πᵥᵀ Σ P Πᵥv = Σ P v), over the codes' columns then the window's, with a boolean mask
-    that picks, per query, which copy of each position counts:
+    that picks, per row and query, which copy of each position counts:
 
         out_p = Πᵥᵀ softmax_j(scale · Πq_p · [Πk̂_j | Πk_j] + mask) [Πv̂_j | Πᵥv_j]
 
-    A model mask (array over the offset columns) is applied to both parts.
+    Columns are the cache's slots (`window_layout`): row b's position j sits in slot
+    pad_b + j (pad = 0 for a single sequence), the codes fill slots [0, C_max), the
+    float16 buffer slots [first, slots). A model mask (array over the slots) is applied
+    to both parts.
     """
     B, n_q, L, D = queries.shape
-    offset, coded, start, window = cache.offset, cache.coded, cache.recent_start, cache.fp16_window
+    coded, first, slots, pad, start = cache.window_layout()
     dtype = queries.dtype
     q_rot = rotate(queries, cache.key_signs).astype(dtype)
     keys = [rotate(cache.recent_keys, cache.key_signs).astype(dtype)]
     values = [rotate(cache.recent_values, cache.value_signs).astype(dtype)]
-    p = mx.arange(offset - L, offset)[:, None]  # query positions [L, 1]
-    bound = mx.maximum(p - window + 1, start)
-    j = mx.arange(start, offset)[None]
-    allowed = [(j >= bound) & (j <= p)]
-    cols = [(start, offset)]
+    t = mx.arange(slots - L, slots)[None, :, None]  # query slots [1, L, 1]
+    bound = mx.maximum(t - cache.fp16_window + 1, start[:, None, None])  # [B, L, 1]
+    j = mx.arange(first, slots)[None, None]
+    allowed = [(j >= bound) & (j <= t)]
+    cols = [(first, slots)]
     if coded:
         k_rot, v_rot = cache.rotated_keys_values(dtype)
-        keys.insert(0, k_rot)
-        values.insert(0, v_rot)
-        allowed.insert(0, mx.arange(coded)[None] < bound)
+        keys.insert(0, k_rot[:, :, :coded])
+        values.insert(0, v_rot[:, :, :coded])
+        j = mx.arange(coded)[None, None]
+        allowed.insert(0, (j >= pad[:, None, None]) & (j < bound))
         cols.insert(0, (0, coded))
-    allowed = mx.concatenate(allowed, axis=-1)
+    allowed = mx.concatenate(allowed, axis=-1)[:, None]  # [B, 1, L, columns]
     if isinstance(mask, mx.array):
         model_mask = mx.concatenate([mask[..., a:b] for a, b in cols], axis=-1)
         if model_mask.dtype == mx.bool_:

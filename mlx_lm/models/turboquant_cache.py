@@ -75,8 +75,9 @@ def _kv_dequantizer(
     key_bits: int, value_bits: int, head_dim: int, centered: bool, scaled: bool, inverse: bool
 ):
     """One compiled call for a context's keys and values: Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s and
-    Πv̂ (rotated domain), or k̂ and v̂ (`inverse`). Compiled per shape: callers pass
-    whole buffers, which change shape only when they grow."""
+    Πv̂ (rotated domain), or k̂ and v̂ (`inverse`). Segment ids come as [B or 1, 1, T, 1]
+    (one per slot, per row in a batch cache). Compiled per shape: callers pass whole
+    buffers, which change shape only when they grow."""
 
     def dequantize(pk, kn, segments, pv, vn, means, scales, key_signs, value_signs, kc, vc):
         k = turboquant_dequantize_rotated(pk, kn, kc, key_bits, head_dim)
@@ -84,9 +85,9 @@ def _kv_dequantizer(
             # Preallocated slots past the offset may lie in segments not opened yet.
             segments = mx.minimum(segments, means.shape[2] - 1)
             if scaled:
-                sigma = mx.take(scales, segments, axis=2).astype(mx.float32)
+                sigma = mx.take_along_axis(scales, segments, axis=2).astype(mx.float32)
                 k = rotate(sigma * inverse_rotate(k, key_signs), key_signs)
-            k = k + mx.take(means, segments, axis=2).astype(mx.float32)
+            k = k + mx.take_along_axis(means, segments, axis=2).astype(mx.float32)
         v = turboquant_dequantize_rotated(pv, vn, vc, value_bits, head_dim)
         if inverse:
             return inverse_rotate(k, key_signs), inverse_rotate(v, value_signs)
@@ -96,6 +97,7 @@ def _kv_dequantizer(
 
 
 _EMPTY = mx.zeros((0,), dtype=mx.float16)  # an absent array in a saved state
+_ZERO = mx.zeros((1,), dtype=mx.int32)
 
 
 def check_fp16_window(window) -> int:
@@ -133,6 +135,33 @@ def key_mean_segments(start: int, stop: int, max_segment: int = KEY_MEAN_MAX_SEG
     log2 = np.floor(np.log2(np.maximum(q, 1))).astype(np.int64)
     s = np.where(q > 0, log2 // 2 + 1, 0)
     return mx.array(np.minimum(s, max_segment).astype(np.int32))
+
+
+def next_segment_stats(residuals, hi, prev_mean, prev_scale, key_signs, scaling):
+    """(M_s, σ_s) float16 [B, n_kv_heads, 1, head_dim] from ŷ of segment s - 1
+    (`residuals`, rotated) and b_s = `hi` (see `TurboQuantCodec`); `prev_mean` is
+    M_{s-1} and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling).
+    σ_s is None unless `scaling`. One copy for the single and the batch caches."""
+    total = mx.sum(residuals, axis=2, keepdims=True)
+    if prev_scale is not None:  # Π(σ_{s-1} ∘ Πᵀ Σ ŷ): linear in ŷ
+        total = rotate(inverse_rotate(total, key_signs) * prev_scale, key_signs)
+    mean = (total / hi if prev_mean is None else prev_mean + total / hi).astype(mx.float16)
+    if not scaling:
+        return mean, None
+    # σ_s from the reconstructed keys of segment s - 1, centered by μ_s.
+    keys = inverse_rotate(residuals, key_signs)
+    if prev_scale is not None:
+        keys = prev_scale * keys
+    if prev_mean is not None:
+        keys = keys + inverse_rotate(prev_mean, key_signs)
+    keys = keys - inverse_rotate(mean.astype(mx.float32), key_signs)
+    var = mx.mean(keys * keys, axis=2, keepdims=True)
+    half = var.shape[-1] // 2
+    pair = (var[..., :half] + var[..., half:]) / 2  # RoPE pairs share a scale
+    var = mx.concatenate([pair, pair], axis=-1)
+    sigma = var ** (KEY_SCALE_EXPONENT / 2)
+    sigma = sigma / mx.sqrt(mx.mean(sigma * sigma, axis=-1, keepdims=True) + 1e-30)
+    return mean, mx.maximum(sigma, KEY_SCALE_FLOOR).astype(mx.float16)
 
 
 class TurboQuantCodec:
@@ -261,31 +290,14 @@ class TurboQuantCodec:
         parts = [self._stored_key_residuals(lo, first)] if lo < first else []
         parts += [self._dequantize_keys(pk, kn) for start, pk, kn in pieces if start >= lo]
         residuals = mx.concatenate(parts, axis=2)  # ŷ of segment s - 1, rotated
-        total = mx.sum(residuals, axis=2, keepdims=True)
-        if self.key_scales is not None and s > 1:  # Π(σ_{s-1} ∘ Πᵀ Σ ŷ): linear in ŷ
-            total = inverse_rotate(total, self.key_signs) * self._key_scale(s - 1)
-            total = rotate(total, self.key_signs)
-        mean = (self._key_mean(s - 1) + total / hi).astype(mx.float16)
+        prev_mean = self._key_mean(s - 1) if s > 1 else None
+        prev_scale = self._key_scale(s - 1) if self.key_scales is not None and s > 1 else None
+        mean, scale = next_segment_stats(
+            residuals, hi, prev_mean, prev_scale, self.key_signs, self.key_scaling
+        )
         self.key_means = mean if s == 1 else mx.concatenate([self.key_means, mean], axis=2)
         if self.key_scaling:
-            scale = self._new_key_scale(s, residuals).astype(mx.float16)
             self.key_scales = scale if s == 1 else mx.concatenate([self.key_scales, scale], axis=2)
-
-    def _new_key_scale(self, s: int, residuals: mx.array) -> mx.array:
-        """σ_s [B, n_kv_heads, 1, head_dim] float32 from the reconstructed keys of segment s-1."""
-        keys = inverse_rotate(residuals, self.key_signs)
-        if s > 1:
-            keys = self._key_scale(s - 1) * keys
-        if s > 1:
-            keys = keys + self._original_key_mean(s - 1)
-        keys = keys - self._original_key_mean(s)
-        var = mx.mean(keys * keys, axis=2, keepdims=True)
-        half = var.shape[-1] // 2
-        pair = (var[..., :half] + var[..., half:]) / 2  # RoPE pairs share a scale
-        var = mx.concatenate([pair, pair], axis=-1)
-        sigma = var ** (KEY_SCALE_EXPONENT / 2)
-        sigma = sigma / mx.sqrt(mx.mean(sigma * sigma, axis=-1, keepdims=True) + 1e-30)
-        return mx.maximum(sigma, KEY_SCALE_FLOOR)
 
     def _key_scale(self, s: int) -> mx.array:
         """σ_s [B, n_kv_heads, 1, head_dim] float32 (original domain; σ_0 = 1)."""
@@ -366,9 +378,10 @@ class TurboQuantCodec:
         return (pk, kn, *coded_values)
 
     def _dequantized(self, packed_keys, key_norms, segments, packed_values, value_norms, inverse):
-        """Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s and Πv̂ for the given buffers (segments: int [T]),
-        float32; or, with `inverse`, k̂ and v̂ in the model's domain."""
+        """Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s and Πv̂ for the given buffers (segments: int [T], or
+        [B, T] per row), float32; or, with `inverse`, k̂ and v̂ in the model's domain."""
         means, scales = self.key_means_with_zero(), self.key_scales_with_one()
+        segments = segments.reshape(-1, 1, segments.shape[-1], 1)
         f = _kv_dequantizer(
             self.key_bits,
             self.value_bits,
@@ -569,6 +582,11 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         if not self.coded:
             return tail_k, tail_v
         return mx.concatenate([k, tail_k], axis=2), mx.concatenate([v, tail_v], axis=2)
+
+    def window_layout(self):
+        """For `windowed_attention`: (codes held, first slot of the float16 buffer,
+        slots, per-row padding [1], per-row first float16 slot read [1]); slot = position."""
+        return self.coded, self.recent_start, self.offset, _ZERO, mx.array([self.recent_start])
 
     def rotated_keys_values(self, dtype=mx.float32):
         """Keys and values of the coded context in the rotated domain (key means added
@@ -956,13 +974,20 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     the batch counterpart of `TurboQuantKVCache`, as `BatchKVCache` is of `KVCache`.
 
     Rows are left-padded in one [B, n_kv_heads, T, ...] buffer of packed codes and norms
-    (padding slots hold zeros and are masked). Causal key centering depends on each
-    sequence's own positions, so the batch keeps a key-mean segment id per slot and row
-    (`segments`, int32 [B, T]; 0 on padding), the means per row (`key_means`,
+    (row b's position j in slot pad_b + j; padding slots hold zeros and are masked).
+    Causal key centering and key scaling depend on each sequence's own positions, so
+    the batch keeps a key-mean segment id per slot and row (`segments`, int32 [B, T]; 0
+    on padding), the means and scales per row (`key_means` / `key_scales`,
     [B, n_kv_heads, n, head_dim]: row b uses its first `segments_held_by[b] - 1`
-    columns) and opens a segment for one row when that row's position reaches it,
-    from that row's stored codes, exactly as the row's own cache would. Each row
-    therefore holds the codes and means its sequence would hold decoded alone.
+    columns) and opens a segment for one row when that row's coded position reaches
+    it, from that row's stored codes, exactly as the row's own cache would.
+
+    With `fp16_window` = W, row b holds codes of positions [0, coded_by[b]) and float16
+    keys/values of the rest in `recent_keys` / `recent_values` [B, n_kv_heads, n_w,
+    head_dim], which cover the last n_w slots (left-padded per row). Each new token
+    joins the window; a row whose window then holds more than W tokens quantizes its
+    oldest one with that row's segment, mean and scale. Each row therefore holds the
+    codes, means, scales and window its sequence would hold decoded alone.
 
     Attention goes through the pure-MLX reference (`turboquant_attention`); the fused
     kernels do not take batch caches.
@@ -979,13 +1004,19 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         seed: int = 0,
         layer_idx: int = 0,
         key_centering: bool = True,
+        key_scaling: bool = False,
+        fp16_window: int = 0,
     ):
-        self._init_codec(key_bits, value_bits, seed, layer_idx, key_centering)
+        self._init_codec(key_bits, value_bits, seed, layer_idx, key_centering, key_scaling)
+        self.fp16_window = check_fp16_window(fp16_window)
         self._pad = [int(p) for p in left_padding]
         self._filled = max(self._pad, default=0)
         self.segments_held_by = [1] * len(self._pad)
+        self.coded_by = [0] * len(self._pad)  # positions held as codes, per row
+        self.recent_start_by = [0] * len(self._pad)  # first float16 position read, per row
         self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
         self.segments = None
+        self.recent_keys = self.recent_values = None
 
     @property
     def n_kv_heads(self) -> int:
@@ -995,39 +1026,61 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         return False
 
     def _settings(self):
-        return (self.key_bits, self.value_bits, self.seed, self.layer_idx, self.key_centering)
+        return (
+            self.key_bits,
+            self.value_bits,
+            self.seed,
+            self.layer_idx,
+            self.key_centering,
+            self.key_scaling,
+            self.fp16_window,
+        )
 
     def _buffers(self):
         return [self.packed_keys, self.key_norms, self.packed_values, self.value_norms]
 
+    def _zero_codes(self, B: int, n_kv_heads: int, T: int):
+        """Zero code buffers (packed keys, key norms, packed values, value norms), T slots."""
+        shape = (B, n_kv_heads, T)
+        return [
+            mx.zeros((*shape, packed_words(self.head_dim, self.key_bits)), dtype=mx.uint32),
+            mx.zeros(shape, dtype=mx.float16),
+            mx.zeros((*shape, packed_words(self.head_dim, self.value_bits)), dtype=mx.uint32),
+            mx.zeros(shape, dtype=mx.float16),
+        ]
+
     # ---- building, filtering, extending, extracting ----
+    #
+    # All four go through rows: dict(codes=[4 buffers], segs [1, T], means, scales,
+    # held, coded, tail=(keys, values) float16 of positions coded.. or None), each row's
+    # buffers T slots long and right-aligned (its newest token in the last slot).
 
     @classmethod
     def merge(cls, caches: List["TurboQuantKVCache"]) -> "BatchTurboQuantKVCache":
         """One batch from single-sequence `TurboQuantKVCache`s of one layer (same bits,
-        seed, layer and key centering), each after its own prefill."""
+        seed, layer, key centering, key scaling and FP16 window), each after its own
+        prefill."""
         for i, c in enumerate(caches):
             if type(c) is not TurboQuantKVCache:
                 raise ValueError(
                     f"BatchTurboQuantKVCache.merge takes TurboQuantKVCache layers; cache {i} "
                     f"is a {type(c).__name__}."
                 )
-        first = caches[0]
-        settings = (first.key_bits, first.value_bits, first.seed, first.layer_idx)
-        settings += (first.key_centering,)
+        settings = _single_settings(caches[0])
         for i, c in enumerate(caches):
-            have = (c.key_bits, c.value_bits, c.seed, c.layer_idx, c.key_centering)
-            if have != settings:
+            if _single_settings(c) != settings:
                 raise ValueError(
-                    f"Cannot batch TurboQuant caches with different settings: cache {i} has "
-                    f"(key bits, value bits, seed, layer, centering) {have}, cache 0 {settings}."
+                    "Cannot batch TurboQuant caches with different settings: cache "
+                    f"{i} has (key bits, value bits, seed, layer, centering, scaling, fp16 "
+                    f"window) {_single_settings(c)}, cache 0 {settings}."
                 )
-            if not c.empty() and c.packed_keys.shape[0] != 1:
+            held = c.packed_keys if c.packed_keys is not None else c.recent_keys
+            if not c.empty() and held.shape[0] != 1:
                 raise ValueError(
                     f"merge takes single-sequence caches; cache {i} has batch size "
-                    f"{c.packed_keys.shape[0]}."
+                    f"{held.shape[0]}."
                 )
-        lengths = [0 if c.empty() else c.offset for c in caches]
+        lengths = [c.offset for c in caches]
         T = max(lengths)
         batch = cls([T - n for n in lengths], *settings)
         batch._filled = T
@@ -1036,46 +1089,103 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         ref = caches[lengths.index(T)]
         batch.head_dim = ref.head_dim
         batch._derive()
-        rows = [batch._rows_of(c, n, T, ref) for c, n in zip(caches, lengths)]
-        batch._set_rows(rows)
+        H = ref.n_kv_heads
+        batch._set_rows([batch._row_of(c, T, H) for c in caches], T)
         return batch
 
-    def _rows_of(self, c, n: int, T: int, ref):
-        """A single cache's buffers, segment ids and means, left-padded to T slots."""
-        if n == 0:
-            bufs = [mx.zeros((1, *x.shape[1:2], T, *x.shape[3:]), x.dtype) for x in ref._buffers()]
-            return bufs, mx.zeros((1, T), mx.int32), None, 1
-        bufs = [_pad_axis2(x[:, :, :n], T - n) for x in c._buffers()]
+    def _row_of(self, c: "TurboQuantKVCache", T: int, H: int) -> dict:
+        """A single cache as a row of T slots."""
+        n, coded = c.offset, c.coded
+        codes = self._zero_codes(1, H, T)
+        if coded:  # padding, codes, then zeros where the window tokens sit
+            codes = [
+                mx.concatenate([z[:, :, : T - n], x[:, :, :coded], z[:, :, T - n + coded :]], 2)
+                for z, x in zip(codes, c._buffers())
+            ]
         segs = mx.concatenate(
-            [mx.zeros((T - n,), mx.int32), key_mean_segments(0, n, self.max_segment)]
+            [
+                mx.zeros((T - n,), mx.int32),
+                key_mean_segments(0, coded, self.max_segment),
+                mx.zeros((n - coded,), mx.int32),
+            ]
         )[None]
-        return bufs, segs, c.key_means, c.segments_held
-
-    def _set_rows(self, rows):
-        """Stack per-row (buffers, segment ids, means, segments held) along the batch."""
-        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = (
-            mx.concatenate([r[0][j] for r in rows], axis=0) for j in range(4)
+        tail = None
+        if coded < n:
+            held = coded - c.recent_start
+            tail = (c.recent_keys[:, :, held:], c.recent_values[:, :, held:])
+        return dict(
+            codes=codes,
+            segs=segs,
+            means=c.key_means,
+            scales=c.key_scales,
+            held=c.segments_held if n else 1,
+            coded=coded,
+            tail=tail,
         )
-        self.segments = mx.concatenate([r[1] for r in rows], axis=0)
-        self.segments_held_by = [r[3] for r in rows]
+
+    def _set_rows(self, rows: List[dict], T: int):
+        """Stack rows of T slots along the batch (`_pad` and `_filled` set by the caller)."""
+        self.packed_keys, self.key_norms, self.packed_values, self.value_norms = (
+            mx.concatenate([r["codes"][j] for r in rows], axis=0) for j in range(4)
+        )
+        self.segments = mx.concatenate([r["segs"] for r in rows], axis=0)
+        self.segments_held_by = [r["held"] for r in rows]
+        self.coded_by = [r["coded"] for r in rows]
+        self.recent_start_by = list(self.coded_by)
         n = max(self.segments_held_by) - 1
+        self.key_means = self._stack_columns([r["means"] for r in rows], n)
+        self.key_scales = None
+        if self.key_scaling:
+            self.key_scales = self._stack_columns([r["scales"] for r in rows], n)
+        self.recent_keys = self.recent_values = None
+        n_w = max((0 if r["tail"] is None else r["tail"][0].shape[2]) for r in rows)
+        if n_w:
+            H, d = self.packed_keys.shape[1], self.head_dim
+            none = mx.zeros((1, H, 0, d), mx.float16)
+            tails = [(none, none) if r["tail"] is None else r["tail"] for r in rows]
+            self.recent_keys, self.recent_values = (
+                mx.concatenate([_pad_axis2(t[j], n_w - t[j].shape[2]) for t in tails], axis=0)
+                for j in range(2)
+            )
+
+    def _stack_columns(self, per_row: List[Optional[mx.array]], n: int):
+        """Per-row [1, H, m, d] means or scales (or None) as [B, H, n, d], zero-filled."""
         if n == 0:
-            self.key_means = None
-            return
+            return None
         H, d = self.packed_keys.shape[1], self.head_dim
-        means = []
-        for _, _, m, _ in rows:
+        out = []
+        for m in per_row:
             m = mx.zeros((1, H, 0, d), mx.float16) if m is None else m[:, :, :n]
             if m.shape[2] < n:
                 m = mx.concatenate([m, mx.zeros((1, H, n - m.shape[2], d), mx.float16)], axis=2)
-            means.append(m)
-        self.key_means = mx.concatenate(means, axis=0)
+            out.append(m)
+        return mx.concatenate(out, axis=0)
 
-    def _row(self, i: int):
-        """Row i as (buffers, segment ids, means, segments held), nothing dropped."""
-        bufs = [x[i : i + 1, :, : self._filled] for x in self._buffers()]
-        means = None if self.key_means is None else self.key_means[i : i + 1]
-        return bufs, self.segments[i : i + 1, : self._filled], means, self.segments_held_by[i]
+    def _row(self, i: int, cut: int = 0) -> dict:
+        """Row i as a row of its slots from `cut` on (nothing it holds is dropped)."""
+        T = self._filled
+        n, coded = T - self._pad[i], self.coded_by[i]
+        tail = None
+        if coded < n:
+            w = self.recent_keys.shape[2] - (n - coded)
+            tail = (self.recent_keys[i : i + 1, :, w:], self.recent_values[i : i + 1, :, w:])
+        pick = lambda x: None if x is None else x[i : i + 1]  # noqa: E731
+        return dict(
+            codes=[x[i : i + 1, :, cut:T] for x in self._buffers()],
+            segs=self.segments[i : i + 1, cut:T],
+            means=pick(self.key_means),
+            scales=pick(self.key_scales),
+            held=self.segments_held_by[i],
+            coded=coded,
+            tail=tail,
+        )
+
+    def _pad_row(self, row: dict, extra: int) -> dict:
+        """`row` with `extra` padding slots prepended."""
+        row = dict(row)
+        row["codes"] = [_pad_axis2(x, extra) for x in row["codes"]]
+        row["segs"] = mx.concatenate([mx.zeros((1, extra), mx.int32), row["segs"]], axis=1)
+        return row
 
     def filter(self, keep: List[int]):
         """Keep only the sequences at indices `keep` (in that order), in place; padding
@@ -1084,20 +1194,18 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
 
         keep = _check_batch_index(keep, self.batch_size)
         pads = [self._pad[i] for i in keep]
-        held = [self.segments_held_by[i] for i in keep]
-        if self.packed_keys is not None:
-            idx = mx.array(keep)
-            cut = min(pads)
-            bufs = [x[idx][:, :, cut : self._filled] for x in self._buffers()]
-            self.packed_keys, self.key_norms, self.packed_values, self.value_norms = bufs
-            self.segments = self.segments[idx][:, cut : self._filled]
-            n = max(held) - 1
-            self.key_means = None if n == 0 else self.key_means[idx][:, :, :n]
-            pads = [p - cut for p in pads]
-            self._filled -= cut
-        self._pad, self.segments_held_by = pads, held
         if self.packed_keys is None:
+            self._pad = pads
+            self.segments_held_by = [self.segments_held_by[i] for i in keep]
+            self.coded_by = [self.coded_by[i] for i in keep]
+            self.recent_start_by = [self.recent_start_by[i] for i in keep]
             self._filled = max(pads)
+            return
+        cut = min(pads)
+        rows = [self._row(i, cut) for i in keep]
+        self._filled -= cut
+        self._pad = [p - cut for p in pads]
+        self._set_rows(rows, self._filled)
 
     def extend(self, other: "BatchTurboQuantKVCache"):
         """Append the sequences of `other` to this batch, in place; the shorter side gets
@@ -1107,36 +1215,36 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         if other._settings() != self._settings():
             raise ValueError(
                 f"Cannot batch TurboQuant caches with different settings: {other._settings()} "
-                f"vs {self._settings()} (key bits, value bits, seed, layer, centering)."
+                f"vs {self._settings()} (key bits, value bits, seed, layer, centering, "
+                "scaling, fp16 window)."
             )
         T = max(self._filled, other._filled)
         pads = [p + T - self._filled for p in self._pad]
         pads += [p + T - other._filled for p in other._pad]
         ref = self if self.packed_keys is not None else other
-        if ref.packed_keys is None:
+        if ref.packed_keys is None:  # nothing stored on either side
             self._pad, self._filled = pads, T
             self.segments_held_by += other.segments_held_by
+            self.coded_by += other.coded_by
+            self.recent_start_by += other.recent_start_by
             return
         if self.head_dim is None:
             self.head_dim = ref.head_dim
             self._derive()
+        H = ref.packed_keys.shape[1]
         rows = []
         for c in (self, other):
             for i in range(c.batch_size):
                 if c.packed_keys is None:
-                    rows.append(self._rows_of(None, 0, T, ref))
-                    continue
-                bufs, segs, means, held = c._row(i)
-                extra = T - c._filled
-                bufs = [_pad_axis2(x, extra) for x in bufs]
-                segs = mx.concatenate([mx.zeros((1, extra), mx.int32), segs], axis=1)
-                rows.append((bufs, segs, means, held))
-        self._set_rows(rows)
+                    rows.append(self._row_of(TurboQuantKVCache(*self._settings()), T, H))
+                else:
+                    rows.append(self._pad_row(c._row(i), T - c._filled))
         self._pad, self._filled = pads, T
+        self._set_rows(rows, T)
 
     def extract(self, i: int) -> "TurboQuantKVCache":
         """Sequence `i` as a single-sequence TurboQuantKVCache (a copy): what the same
-        tokens would have left in a cache of their own."""
+        tokens would have left in a cache of their own (codes, means, scales, window)."""
         from .cache import _check_batch_index
 
         _check_batch_index([i], self.batch_size)
@@ -1144,96 +1252,165 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         cache = TurboQuantKVCache(*self._settings())
         if self.packed_keys is None or n == 0:
             return cache
-        sl = slice(self._pad[i], self._filled)
-        state = [mx.array(x[i : i + 1, :, sl]) for x in self._buffers()]
-        held = self.segments_held_by[i]
-        if held > 1:
-            state.append(mx.array(self.key_means[i : i + 1, :, : held - 1]))
-        meta = (n, *self._settings()[:4], self.head_dim, int(self.key_centering))
-        return TurboQuantKVCache.from_state(tuple(state), tuple(map(str, meta)))
+        row = self._row(i, self._pad[i])
+        coded, held = row["coded"], row["held"]
+        state = [x[:, :, :coded] if coded else _EMPTY for x in row["codes"]]
+        columns = [row["means"], row["scales"]]
+        state += [_EMPTY if x is None or held == 1 else x[:, :, : held - 1] for x in columns]
+        state += [_EMPTY, _EMPTY] if row["tail"] is None else list(row["tail"])
+        if not cache._extended():
+            state = state[:4] + ([] if held == 1 else [state[4]])
+        meta = (n, *self._settings()[:4], self.head_dim, *self._settings()[4:])
+        meta = tuple(str(int(x)) for x in meta)
+        return TurboQuantKVCache.from_state(tuple(mx.array(x) for x in state), meta)
 
     # ---- decoding ----
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Quantize and store one new token per sequence (several tokens are taken one
-        at a time); return lazily dequantized keys/values of the whole buffer."""
+        """Store new tokens, one at a time (with a window: each joins its row's float16
+        window and a row whose window overflows quantizes its oldest token; without: each
+        is quantized); return lazily dequantized keys/values of the whole buffer."""
         B, n_kv_heads, S, d = keys.shape
         if B != self.batch_size:
             raise ValueError(f"This batch cache holds {self.batch_size} sequences, got {B}.")
         if self.head_dim is None:
             self._setup(d, values.shape[-1])
+        if self.fp16_window:
+            # What this update's queries read in float16: from each row's coded count on.
+            self.recent_start_by = list(self.coded_by)
+            self._drop_read_window()
         for t in range(S):
             self._append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
         return self._fetch(keys.dtype)
 
+    def _drop_read_window(self):
+        """Drop float16 slots before every row's first window token (already coded)."""
+        if self.recent_keys is None:
+            return
+        first = min(p + c for p, c in zip(self._pad, self.coded_by))
+        cut = first - (self._filled - self.recent_keys.shape[2])
+        if cut > 0:
+            self.recent_keys = self.recent_keys[:, :, cut:]
+            self.recent_values = self.recent_values[:, :, cut:]
+
     def _append(self, keys: mx.array, values: mx.array):
         B, n_kv_heads, _, d = keys.shape
-        segs = [key_mean_segment(p, self.max_segment) for p in self.lengths]
-        for b, s in enumerate(segs):
-            if s == self.segments_held_by[b]:
-                self._open_segment(b, s)
-        mean = None
-        if self.key_means is not None and any(segs):
-            mean = self._derived(("mean", tuple(segs)), lambda: self._row_means(segs))
-        backend = fused_backend() if quantize_supported(d) else None
-
-        def quantize(x, mean, signs, centroids, bits):
-            if backend is not None:
-                return fused_quantize(x, mean, signs, centroids, bits, backend)
-            if mean is not None:
-                x = x.astype(mx.float32) - mean
-            return _quantizer(bits)(x, signs, centroids)
-
-        pk, kn = quantize(keys, mean, self.key_signs, self.key_centroids, self.key_bits)
-        pv, vn = quantize(values, None, self.value_signs, self.value_centroids, self.value_bits)
+        W = self.fp16_window
         self._grow(B, n_kv_heads)
-        slot = self._filled
-        self.packed_keys[:, :, slot : slot + 1] = pk
-        self.key_norms[:, :, slot : slot + 1] = kn.astype(mx.float16)
-        self.packed_values[:, :, slot : slot + 1] = pv
-        self.value_norms[:, :, slot : slot + 1] = vn.astype(mx.float16)
-        self.segments[:, slot : slot + 1] = mx.array(segs, dtype=mx.int32)[:, None]
         self._filled += 1
+        lengths = self.lengths
+        if W:
+            k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
+            if self.recent_keys is not None:
+                k16 = mx.concatenate([self.recent_keys, k16], axis=2)
+                v16 = mx.concatenate([self.recent_values, v16], axis=2)
+            self.recent_keys, self.recent_values = k16, v16
+            # Window held: positions coded..n-1 (at most W before this token).
+            slide = [n - c > W for n, c in zip(lengths, self.coded_by)]
+            if not any(slide):
+                return
+            slot = self._filled - W - 1  # every sliding row's oldest window token
+            w = slot - (self._filled - k16.shape[2])
+            keys, values = k16[:, :, w : w + 1], v16[:, :, w : w + 1]
+        else:
+            slide = [True] * B
+            slot = self._filled - 1
+        segs = [
+            key_mean_segment(c, self.max_segment) if m else 0 for c, m in zip(self.coded_by, slide)
+        ]
+        for b, s in enumerate(segs):
+            if slide[b] and s == self.segments_held_by[b]:
+                self._open_segment(b, s)
+        pk, kn, pv, vn = self._quantize_rows(keys, values, segs)
+        new = [pk, kn.astype(mx.float16), pv, vn.astype(mx.float16)]
+        new_segs = mx.array(segs, dtype=mx.int32)[:, None]
+        if not all(slide):
+            m = mx.array(slide)
+            new = [
+                mx.where(m.reshape(-1, *([1] * (x.ndim - 1))), x, old[:, :, slot : slot + 1])
+                for x, old in zip(new, self._buffers())
+            ]
+            new_segs = mx.where(m[:, None], new_segs, self.segments[:, slot : slot + 1])
+        for buf, x in zip(self._buffers(), new):
+            buf[:, :, slot : slot + 1] = x
+        self.segments[:, slot : slot + 1] = new_segs
+        self.coded_by = [c + int(m) for c, m in zip(self.coded_by, slide)]
 
-    def _row_means(self, segs: List[int]) -> mx.array:
-        """μ of each row's current segment [B, n_kv_heads, 1, head_dim] float32, in the
-        model's domain (what that row's new key is centered by; 0 in segment 0)."""
+    def _quantize_rows(self, keys: mx.array, values: mx.array, segs: List[int]):
+        """Codes of one token per row, keys centered (and scaled) with each row's segment
+        `segs[b]`, as `TurboQuantCodec._quantize` does for one sequence."""
+        d = keys.shape[-1]
+        mean = scale = None
+        if self.key_means is not None and any(segs):
+            mean = self._derived(("mean", tuple(segs)), lambda: self._row_columns(segs, False))
+            if self.key_scales is not None:
+                scale = self._derived(("scale", tuple(segs)), lambda: self._row_columns(segs, True))
+        x = keys
+        if scale is not None:  # (x - μ) / σ = x / σ - μ / σ, σ = 1 in segment 0
+            x, mean = x.astype(mx.float32) / scale, mean / scale
+        backend = fused_backend() if quantize_supported(d) else None
+        if backend is not None:
+            pk, kn = fused_quantize(
+                x, mean, None, self.key_signs, self.key_centroids, self.key_bits, backend=backend
+            )
+            pv, vn = fused_quantize(
+                values,
+                None,
+                None,
+                self.value_signs,
+                self.value_centroids,
+                self.value_bits,
+                backend=backend,
+            )
+            return pk, kn, pv, vn
+        if mean is not None:
+            x = x.astype(mx.float32) - mean
+        pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
+        pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
+        return pk, kn, pv, vn
+
+    def _row_columns(self, segs: List[int], scales: bool) -> mx.array:
+        """Per row, μ (Πᵀ M, 0 in segment 0) or σ (1 in segment 0) of its segment
+        `segs[b]`, [B, n_kv_heads, 1, head_dim] float32 in the model's domain."""
         idx = mx.array(segs, dtype=mx.int32)[:, None, None, None]
+        if scales:
+            return mx.take_along_axis(self.key_scales_with_one(), idx, axis=2).astype(mx.float32)
         rotated = mx.take_along_axis(self.key_means_with_zero(), idx, axis=2)
         return inverse_rotate(rotated.astype(mx.float32), self.key_signs)
 
     def _open_segment(self, b: int, s: int):
-        """M_s of row b (see `TurboQuantCodec`) from the row's stored codes of [b_{s-1}, b_s)."""
+        """M_s (and σ_s) of row b (see `TurboQuantCodec`) from the row's stored codes of
+        [b_{s-1}, b_s)."""
         lo, hi, p = segment_start(s - 1), segment_start(s), self._pad[b]
         residuals = self._dequantize_keys(
             self.packed_keys[b : b + 1, :, p + lo : p + hi],
             self.key_norms[b : b + 1, :, p + lo : p + hi],
         )
-        total = mx.sum(residuals, axis=2, keepdims=True)
-        prev = 0.0 if s == 1 else self.key_means[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)
-        mean = (prev + total / hi).astype(mx.float16)
-        means = self.key_means
-        if means is None or means.shape[2] < s:
-            B, H = self.batch_size, self.packed_keys.shape[1]
-            wider = mx.zeros((B, H, s - (0 if means is None else means.shape[2]), self.head_dim))
-            wider = wider.astype(mx.float16)
-            means = wider if means is None else mx.concatenate([means, wider], axis=2)
-        means[b : b + 1, :, s - 1 : s] = mean
-        self.key_means = means  # the setter drops values derived from the old means
+        column = lambda x: x[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)  # noqa: E731
+        prev_mean = column(self.key_means) if s > 1 else None
+        prev_scale = column(self.key_scales) if s > 1 and self.key_scales is not None else None
+        mean, scale = next_segment_stats(
+            residuals, hi, prev_mean, prev_scale, self.key_signs, self.key_scaling
+        )
+        self.key_means = self._with_column(self.key_means, b, s, mean)
+        if scale is not None:
+            self.key_scales = self._with_column(self.key_scales, b, s, scale)
         self.segments_held_by[b] += 1
+
+    def _with_column(self, columns, b: int, s: int, x: mx.array) -> mx.array:
+        """`columns` ([B, H, n, d] or None) widened to s columns, row b's column s-1 = x."""
+        if columns is None or columns.shape[2] < s:
+            B, H = self.batch_size, self.packed_keys.shape[1]
+            have = 0 if columns is None else columns.shape[2]
+            wider = mx.zeros((B, H, s - have, self.head_dim), mx.float16)
+            columns = wider if columns is None else mx.concatenate([columns, wider], axis=2)
+        columns[b : b + 1, :, s - 1 : s] = x
+        return columns
 
     def _grow(self, B: int, n_kv_heads: int):
         if self.packed_keys is not None and self._filled + 1 <= self.packed_keys.shape[2]:
             return
-        shape = (B, n_kv_heads, self.step)
-        kw = packed_words(self.head_dim, self.key_bits)
-        vw = packed_words(self.head_dim, self.value_bits)
-        new = [
-            mx.zeros((*shape, kw), dtype=mx.uint32),
-            mx.zeros(shape, dtype=mx.float16),
-            mx.zeros((*shape, vw), dtype=mx.uint32),
-            mx.zeros(shape, dtype=mx.float16),
-        ]
+        new = self._zero_codes(B, n_kv_heads, self.step)
         new_segments = mx.zeros((B, self.step), mx.int32)
         if self.packed_keys is None:
             # Nothing stored yet: the padding slots (if any) come first.
@@ -1247,19 +1424,35 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         self.segments = new_segments
 
     def rotated_keys_values(self, dtype=mx.float32):
-        """Keys (each row's key means added back) and values of every slot, rotated
-        domain, [B, n_kv_heads, filled, head_dim]; the padding slots come out as zeros
-        (plus nothing: their segment is 0) and are masked by `make_mask`."""
+        """Keys (each row's key means and scales applied) and values of every slot,
+        rotated domain, [B, n_kv_heads, filled, head_dim]; padding and float16-window
+        slots come out as whatever their zero codes give and are masked."""
         pk, kn, pv, vn = self._buffers()
-        k = self._dequantize_keys(pk, kn)
-        if self.key_means is not None:
-            idx = self.segments[:, None, :, None]
-            k = k + mx.take_along_axis(self.key_means_with_zero(), idx, axis=2).astype(mx.float32)
-        v = _dequantizer(self.value_bits, self.head_dim)(pv, vn, self.value_centroids)
-        return (
-            k[:, :, : self._filled].astype(dtype),
-            v[:, :, : self._filled].astype(dtype),
-        )
+        k, v = self._rotated(pk, kn, self.segments, pv, vn, dtype)
+        return k[:, :, : self._filled], v[:, :, : self._filled]
+
+    def window_layout(self):
+        """For `windowed_attention` (see `TurboQuantKVCache.window_layout`), per row."""
+        coded = max(p + c for p, c in zip(self._pad, self.coded_by))
+        first = self._filled - self.recent_keys.shape[2]
+        start = [p + r for p, r in zip(self._pad, self.recent_start_by)]
+        return coded, first, self._filled, self.left_padding, mx.array(start, dtype=mx.int32)
+
+    def _fetch(self, dtype):
+        """Lazily dequantized keys and values of every slot, model domain (float16
+        window tokens where rows hold them); never computed with our attention."""
+        k_rot, v_rot = self.rotated_keys_values(mx.float32)
+        k = inverse_rotate(k_rot, self.key_signs).astype(dtype)
+        v = inverse_rotate(v_rot, self.value_signs).astype(dtype)
+        if self.recent_keys is None:
+            return k, v
+        n_w = self.recent_keys.shape[2]
+        slots = mx.arange(self._filled)[None, None, :, None]
+        window = mx.array([p + c for p, c in zip(self._pad, self.coded_by)])
+        window = slots >= window[:, None, None, None]
+        rk = _pad_axis2(self.recent_keys, self._filled - n_w).astype(dtype)
+        rv = _pad_axis2(self.recent_values, self._filled - n_w).astype(dtype)
+        return mx.where(window, rk, k), mx.where(window, rv, v)
 
     def kernel_buffers(self):
         raise ValueError("The fused TurboQuant kernels do not take batch caches.")
@@ -1277,19 +1470,33 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     def empty(self):
         return self.packed_keys is None or all(n == 0 for n in self.lengths)
 
+    def _held(self):
+        extra = (self.key_means, self.key_scales, self.recent_keys, self.recent_values)
+        return [x for x in extra if x is not None]
+
     @property
     def state(self):
         if self.packed_keys is None:
             return []
         bufs = [x[:, :, : self._filled] for x in self._buffers()]
         bufs.append(self.segments[:, : self._filled])
-        return tuple(bufs + ([] if self.key_means is None else [self.key_means]))
+        return tuple(bufs + self._held())
 
     @property
     def nbytes(self):
         if self.packed_keys is None:
             return 0
-        held = self._buffers() + [self.segments]
-        return sum(x.nbytes for x in held) + (
-            0 if self.key_means is None else self.key_means.nbytes
-        )
+        return sum(x.nbytes for x in self._buffers() + [self.segments] + self._held())
+
+
+def _single_settings(c: TurboQuantKVCache):
+    """What must agree for TurboQuantKVCaches to share a batch."""
+    return (
+        c.key_bits,
+        c.value_bits,
+        c.seed,
+        c.layer_idx,
+        c.key_centering,
+        c.key_scaling,
+        c.fp16_window,
+    )
