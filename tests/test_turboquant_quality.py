@@ -82,31 +82,34 @@ def test_real_kv_cosine_and_attention_error_vs_affine(captured):
         assert rows[bits]["tq"] <= rows[bits]["affine"], (bits, rows[bits])
 
 
-SEEDS = (0, 1, 2)
-
-
 @pytest.fixture(scope="module")
-def teacher_forced_runs(smollm2, prose):
-    """FP and TurboQuant 4-bit (defaults) over 2,048 tokens fed in chunks of 512, for
-    three rotation seeds: the seed alone moves top-1 agreement by about ±0.006, as
-    much as the margin being tested, so the target is checked on the mean."""
+def default_runs(smollm2, prose):
+    """Perplexity change, KL and top-1 of cache configs against FP16 (2,048 tokens in
+    chunks of 512, as `mlx_lm.perplexity` measures)."""
     model, tokenizer = smollm2
     tokens = mx.array(tokenizer.encode(prose)[:2049])
     ref = teacher_forced_logprobs(model, tokens, make_prompt_cache(model))
-    runs = []
-    for seed in SEEDS:
-        cache = make_prompt_cache(model, turbo_kv_bits=4, turbo_seed=seed)
-        figures = compare(ref, teacher_forced_logprobs(model, tokens, cache), tokens[1:])
-        runs.append((figures["ppl"] / figures["ref_ppl"] - 1, figures["top1"]))
-        print(f"\nseed {seed}: perplexity {100 * runs[-1][0]:+.1f}%, top-1 {runs[-1][1]:.3f}")
-    return float(np.mean([r[0] for r in runs])), float(np.mean([r[1] for r in runs]))
+    plain = dict(turbo_key_centering=False, turbo_key_scaling=False, turbo_fp16_window=0)
+    configs = {
+        "tq4": ({"turbo_kv_bits": 4}, {}),
+        "tq3": ({"turbo_kv_bits": 3}, {}),
+        "tq3 plain": ({"turbo_kv_bits": 3, **plain}, {}),
+        "kv4": ({}, {"kv_bits": 4}),
+    }
+    runs = {}
+    for name, (cache_kw, step_kw) in configs.items():
+        cache = make_prompt_cache(model, **cache_kw)
+        f = compare(ref, teacher_forced_logprobs(model, tokens, cache, **step_kw), tokens[1:])
+        runs[name] = dict(delta=f["ppl"] / f["ref_ppl"] - 1, kl=f["kl"], top1=f["top1"])
+        print(f"\n{name}: {runs[name]}")
+    return runs
 
 
-def test_4_bit_quality_target(teacher_forced_runs):
+def test_4_bit_quality_target(default_runs):
     """Issue 3: within +7% perplexity and top-1 agreement >= 0.87 (plain TurboQuant
     without the causal key mean measured +6.9% / 0.841 here)."""
-    ppl_increase, top1 = teacher_forced_runs
-    assert ppl_increase <= 0.07 and top1 >= 0.87, (ppl_increase, top1)
+    r = default_runs["tq4"]
+    assert r["delta"] <= 0.07 and r["top1"] >= 0.87, r
 
 
 def test_cli_paris_with_3_bits_and_fp16_layers(smollm2_gguf):
@@ -130,29 +133,6 @@ def test_cli_paris_with_3_bits_and_fp16_layers(smollm2_gguf):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "[turboquant] 28 of 30 layers compressed" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def default_runs(smollm2, prose):
-    """Perplexity change, KL and top-1 of cache configs against FP16 (2,048 tokens in
-    chunks of 512, as `mlx_lm.perplexity` measures)."""
-    model, tokenizer = smollm2
-    tokens = mx.array(tokenizer.encode(prose)[:2049])
-    ref = teacher_forced_logprobs(model, tokens, make_prompt_cache(model))
-    plain = dict(turbo_key_centering=False, turbo_key_scaling=False, turbo_fp16_window=0)
-    configs = {
-        "tq4": ({"turbo_kv_bits": 4}, {}),
-        "tq3": ({"turbo_kv_bits": 3}, {}),
-        "tq3 plain": ({"turbo_kv_bits": 3, **plain}, {}),
-        "kv4": ({}, {"kv_bits": 4}),
-    }
-    runs = {}
-    for name, (cache_kw, step_kw) in configs.items():
-        cache = make_prompt_cache(model, **cache_kw)
-        f = compare(ref, teacher_forced_logprobs(model, tokens, cache, **step_kw), tokens[1:])
-        runs[name] = dict(delta=f["ppl"] / f["ref_ppl"] - 1, kl=f["kl"], top1=f["top1"])
-        print(f"\n{name}: {runs[name]}")
-    return runs
 
 
 def test_default_quality_targets(default_runs):
