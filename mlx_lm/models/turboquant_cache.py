@@ -615,8 +615,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
 
     def kernel_buffers(self):
         """What the fused kernels read: the whole allocated buffers (no copies), the
-        segment id of every slot and the number of slots filled."""
-        return (*self._buffers(), self._segment_ids(), self.offset)
+        segment id of every slot and the number of slots holding codes."""
+        return (*self._buffers(), self._segment_ids(), self.coded)
 
     # ---- the cache interface ----
 
@@ -1025,17 +1025,6 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     def is_ring(self) -> bool:
         return False
 
-    def _settings(self):
-        return (
-            self.key_bits,
-            self.value_bits,
-            self.seed,
-            self.layer_idx,
-            self.key_centering,
-            self.key_scaling,
-            self.fp16_window,
-        )
-
     def _buffers(self):
         return [self.packed_keys, self.key_norms, self.packed_values, self.value_norms]
 
@@ -1066,13 +1055,13 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
                     f"BatchTurboQuantKVCache.merge takes TurboQuantKVCache layers; cache {i} "
                     f"is a {type(c).__name__}."
                 )
-        settings = _single_settings(caches[0])
+        settings = _batch_settings(caches[0])
         for i, c in enumerate(caches):
-            if _single_settings(c) != settings:
+            if _batch_settings(c) != settings:
                 raise ValueError(
                     "Cannot batch TurboQuant caches with different settings: cache "
                     f"{i} has (key bits, value bits, seed, layer, centering, scaling, fp16 "
-                    f"window) {_single_settings(c)}, cache 0 {settings}."
+                    f"window) {_batch_settings(c)}, cache 0 {settings}."
                 )
             held = c.packed_keys if c.packed_keys is not None else c.recent_keys
             if not c.empty() and held.shape[0] != 1:
@@ -1212,10 +1201,10 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         left padding so that both end at the same slot."""
         if not isinstance(other, BatchTurboQuantKVCache):
             raise ValueError(f"extend takes a BatchTurboQuantKVCache, got {type(other).__name__}.")
-        if other._settings() != self._settings():
+        if _batch_settings(other) != _batch_settings(self):
             raise ValueError(
-                f"Cannot batch TurboQuant caches with different settings: {other._settings()} "
-                f"vs {self._settings()} (key bits, value bits, seed, layer, centering, "
+                f"Cannot batch TurboQuant caches with different settings: {_batch_settings(other)} "
+                f"vs {_batch_settings(self)} (key bits, value bits, seed, layer, centering, "
                 "scaling, fp16 window)."
             )
         T = max(self._filled, other._filled)
@@ -1236,7 +1225,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         for c in (self, other):
             for i in range(c.batch_size):
                 if c.packed_keys is None:
-                    rows.append(self._row_of(TurboQuantKVCache(*self._settings()), T, H))
+                    rows.append(self._row_of(TurboQuantKVCache(*_batch_settings(self)), T, H))
                 else:
                     rows.append(self._pad_row(c._row(i), T - c._filled))
         self._pad, self._filled = pads, T
@@ -1249,7 +1238,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
 
         _check_batch_index([i], self.batch_size)
         n = self.lengths[i]
-        cache = TurboQuantKVCache(*self._settings())
+        cache = TurboQuantKVCache(*_batch_settings(self))
         if self.packed_keys is None or n == 0:
             return cache
         row = self._row(i, self._pad[i])
@@ -1260,7 +1249,8 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         state += [_EMPTY, _EMPTY] if row["tail"] is None else list(row["tail"])
         if not cache._extended():
             state = state[:4] + ([] if held == 1 else [state[4]])
-        meta = (n, *self._settings()[:4], self.head_dim, *self._settings()[4:])
+        settings = _batch_settings(self)
+        meta = (n, *settings[:4], self.head_dim, *settings[4:])
         meta = tuple(str(int(x)) for x in meta)
         return TurboQuantKVCache.from_state(tuple(mx.array(x) for x in state), meta)
 
@@ -1349,20 +1339,19 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         if scale is not None:  # (x - μ) / σ = x / σ - μ / σ, σ = 1 in segment 0
             x, mean = x.astype(mx.float32) / scale, mean / scale
         backend = fused_backend() if quantize_supported(d) else None
-        if backend is not None:
-            pk, kn = fused_quantize(
-                x, mean, None, self.key_signs, self.key_centroids, self.key_bits, backend=backend
-            )
-            pv, vn = fused_quantize(
+        if backend is not None:  # keys and values in one launch
+            return fused_quantize(
+                x,
+                mean,
                 values,
-                None,
-                None,
+                self.key_signs,
+                self.key_centroids,
+                self.key_bits,
                 self.value_signs,
                 self.value_centroids,
                 self.value_bits,
-                backend=backend,
+                backend,
             )
-            return pk, kn, pv, vn
         if mean is not None:
             x = x.astype(mx.float32) - mean
         pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
@@ -1489,8 +1478,9 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         return sum(x.nbytes for x in self._buffers() + [self.segments] + self._held())
 
 
-def _single_settings(c: TurboQuantKVCache):
-    """What must agree for TurboQuantKVCaches to share a batch."""
+def _batch_settings(c):
+    """What must agree for TurboQuant caches to share a batch, in the order of
+    `TurboQuantKVCache`'s arguments (for a single or a batch cache)."""
     return (
         c.key_bits,
         c.value_bits,
