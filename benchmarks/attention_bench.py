@@ -40,6 +40,10 @@ def main():
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--bits", type=int, default=3)
+    p.add_argument(
+        "--fp16-window", type=int, default=64, help="TurboQuant float16 window (0: none)"
+    )
+    p.add_argument("--no-key-scaling", action="store_true")
     p.add_argument("--calls", type=int, default=28, help="calls evaluated together")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--output")
@@ -51,14 +55,21 @@ def main():
     scale = D**-0.5
     lines = [
         f"Device {mx.default_device()}; batch {B}, {args.heads} query / {H} KV heads, "
-        f"head_dim {D}, TurboQuant {args.bits} bits; µs per call ({args.calls} calls "
+        f"head_dim {D}, TurboQuant {args.bits} bits (float16 window {args.fp16_window}, key "
+        f"scaling {'off' if args.no_key_scaling else 'on'}); µs per call ({args.calls} calls "
         f"evaluated together, median of {args.rounds}).",
         "",
         "| context | fp16 attention | tq attention | tq/fp16 | fp16 update | tq update |",
         "|---|---|---|---|---|---|",
     ]
     for context in args.contexts:
-        fp16, tq = KVCache(), TurboQuantKVCache(args.bits, args.bits)
+        fp16 = KVCache()
+        tq = TurboQuantKVCache(
+            args.bits,
+            args.bits,
+            key_scaling=not args.no_key_scaling,
+            fp16_window=args.fp16_window,
+        )
         for start in range(0, context, 4096):
             n = min(4096, context - start)
             k = mx.random.normal((B, H, n, D)).astype(mx.float16)

@@ -85,10 +85,9 @@ CONFIGS = {
     "tq-k3v4": {"turbo_key_bits": 3, "turbo_value_bits": 4},
     "tq-k2v3": {"turbo_key_bits": 2, "turbo_value_bits": 3},
     "tq3-fp16-1": {"turbo_kv_bits": 3, "turbo_fp16_layers": 1},
-    # Only what the fused GPU kernels implement (key centering): no FP16 window, no key
-    # scaling, which the defaults add and which the kernels do not cover yet.
-    "tq4-kernel": {"turbo_kv_bits": 4, "turbo_fp16_window": 0, "turbo_key_scaling": False},
-    "tq3-kernel": {"turbo_kv_bits": 3, "turbo_fp16_window": 0, "turbo_key_scaling": False},
+    # Key centering only (the defaults before issue 7): no FP16 window, no key scaling.
+    "tq4-plain": {"turbo_kv_bits": 4, "turbo_fp16_window": 0, "turbo_key_scaling": False},
+    "tq3-plain": {"turbo_kv_bits": 3, "turbo_fp16_window": 0, "turbo_key_scaling": False},
 }
 CACHE_KEYS = (
     "turbo_kv_bits",

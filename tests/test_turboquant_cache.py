@@ -56,7 +56,7 @@ def test_nbytes_vs_fp16(head_dim, bits, min_ratio):
     assert turbo.nbytes == plain.nbytes + 3 * H * head_dim * 2
 
 
-def test_returned_keys_values_work_with_plain_sdpa_and_match_dispatch():
+def test_dequantized_keys_values_work_with_plain_sdpa_and_match_dispatch():
     """update_and_fetch's dequantized K/V serve a model that calls mx.fast SDPA itself,
     and the rotated-domain attention gives the same result."""
     B, H, Hq, T, D = 2, 2, 4, 37, 64
@@ -64,7 +64,8 @@ def test_returned_keys_values_work_with_plain_sdpa_and_match_dispatch():
     v = mx.random.normal((B, H, T, D))
     q = mx.random.normal((B, Hq, 5, D))
     cache = TurboQuantKVCache(3, 3)
-    kd, vd = cache.update_and_fetch(k, v)
+    cache.update_and_fetch(k, v)
+    kd, vd = cache.dequantized()
     plain = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=D**-0.5, mask="causal")
     ours = scaled_dot_product_attention(q, kd, vd, cache=cache, scale=D**-0.5, mask="causal")
     np.testing.assert_allclose(np.array(plain), np.array(ours), atol=1e-4, rtol=1e-4)
@@ -188,7 +189,8 @@ def test_key_centering_roundtrip_and_attention(tmp_path):
     k = mx.random.normal((1, 2, 300, 64)) + 5.0
     q = mx.random.normal((1, 4, 3, 64))
     c = TurboQuantKVCache(8, 8)
-    kd, vd = c.update_and_fetch(k, k)
+    c.update_and_fetch(k, k)
+    kd, vd = c.dequantized()
     plain = mx.fast.scaled_dot_product_attention(q, kd, vd, scale=0.125, mask=None)
     ours = scaled_dot_product_attention(q, kd, vd, cache=c, scale=0.125, mask=None)
     np.testing.assert_allclose(np.array(plain), np.array(ours), atol=1e-4)

@@ -19,7 +19,11 @@ except ImportError:  # the GPU machine runs this file as a script
 from mlx_lm.models import turboquant_kernels as kernels
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.turboquant_attention import turboquant_scaled_dot_product_attention
-from mlx_lm.models.turboquant_cache import RotatingTurboQuantKVCache, TurboQuantKVCache
+from mlx_lm.models.turboquant_cache import (
+    BatchTurboQuantKVCache,
+    RotatingTurboQuantKVCache,
+    TurboQuantKVCache,
+)
 
 BACKEND = kernels.fused_backend()
 
@@ -32,15 +36,22 @@ def reference(queries, cache, scale, mask):
         del os.environ["MLX_LM_TURBO_REFERENCE"]
 
 
-def filled_cache(B, n_kv, T, D, bits, centering=True, ring=None, seed=0, chunks=1):
+def filled_cache(
+    B, n_kv, T, D, bits, centering=True, ring=None, seed=0, chunks=1, scaling=False, window=0
+):
     mx.random.seed(seed)
-    # Keys with a per-channel offset, like real ones, so the key means matter.
-    k = mx.random.normal((B, n_kv, T, D)) + 2.0 * mx.random.normal((B, n_kv, 1, D))
+    # Keys with a per-channel offset and spread, like real ones, so means and scales matter.
+    spread = mx.exp(mx.random.normal((1, 1, 1, D)))
+    k = spread * mx.random.normal((B, n_kv, T, D)) + 2.0 * mx.random.normal((B, n_kv, 1, D))
     v = mx.random.normal((B, n_kv, T, D))
     if ring is None:
-        cache = TurboQuantKVCache(bits, bits, key_centering=centering)
+        cache = TurboQuantKVCache(
+            bits, bits, key_centering=centering, key_scaling=scaling, fp16_window=window
+        )
     else:
-        cache = RotatingTurboQuantKVCache(ring, 4, 256, bits, bits, key_centering=centering)
+        cache = RotatingTurboQuantKVCache(
+            ring, 4, 256, bits, bits, key_centering=centering, key_scaling=scaling
+        )
     bounds = np.linspace(0, T, chunks + 1).astype(int)
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
@@ -48,39 +59,121 @@ def filled_cache(B, n_kv, T, D, bits, centering=True, ring=None, seed=0, chunks=
     return cache
 
 
+def batch_cache(lengths, n_kv, D, bits, scaling, window, steps=3):
+    """A left-padded batch from single caches of different lengths, then a few decode
+    steps (rows slide their windows and open segments at different slots)."""
+    singles = [
+        filled_cache(1, n_kv, n, D, bits, scaling=scaling, window=window, seed=i)
+        for i, n in enumerate(lengths)
+    ]
+    batch = BatchTurboQuantKVCache.merge(singles)
+    for _ in range(steps):
+        batch.update_and_fetch(
+            mx.random.normal((len(lengths), n_kv, 1, D)),
+            mx.random.normal((len(lengths), n_kv, 1, D)),
+        )
+    return batch
+
+
+def case(n_q, n_kv, T, D=128, bits=3, B=1, L=1, centering=True, ring=None, chunks=1, **kw):
+    return dict(
+        B=B,
+        n_q=n_q,
+        n_kv=n_kv,
+        L=L,
+        T=T,
+        D=D,
+        bits=bits,
+        centering=centering,
+        ring=ring,
+        chunks=chunks,
+        scaling=kw.get("scaling", False),
+        window=kw.get("window", 0),
+        lengths=kw.get("lengths"),
+    )
+
+
+# Acceptance grid (GPU): head_dim 64/128/256, GQA 1/3/4/7, contexts that are and are not
+# multiples of the split and warp sizes, batch 1 and 4, rings, query blocks of 1-4, and
+# the defaults (key scaling with a float16 window of 64) for single and batch caches.
 CASES = [
-    # B, n_q, n_kv, L, T, D, bits, centering, ring, chunks
-    (1, 4, 4, 1, 1, 64, 3, True, None, 1),
-    (1, 9, 3, 1, 37, 64, 3, True, None, 1),
-    (1, 9, 3, 1, 700, 64, 4, True, None, 1),
-    (2, 28, 4, 1, 3000, 128, 3, True, None, 3),
-    (1, 28, 4, 1, 5000, 128, 2, False, None, 1),
-    (1, 8, 2, 4, 600, 128, 4, True, None, 1),
-    (1, 4, 1, 2, 300, 256, 3, True, None, 1),
-    (2, 8, 8, 3, 1200, 64, 3, True, None, 1),
-    (1, 9, 3, 1, 900, 64, 3, True, 512, 900),  # wrapped ring, one token at a time
-    (1, 8, 4, 1, 2500, 128, 4, True, 1024, 5),  # ring filled by chunks
-    (1, 8, 2, 1, 500, 96, 3, True, None, 1),  # not a power of two: rotated on the host
-    (4, 28, 4, 1, 4100, 128, 3, True, None, 2),  # batch 4, many splits
+    case(4, 4, 1, D=64),
+    case(9, 3, 37, D=64),
+    case(9, 3, 700, D=64, bits=4),
+    case(28, 4, 3000, B=2, chunks=3),
+    case(28, 4, 5000, bits=2, centering=False),
+    case(8, 2, 600, L=4, bits=4),
+    case(4, 1, 300, D=256, L=2),
+    case(8, 8, 1200, D=64, B=2, L=3),
+    case(9, 3, 900, D=64, ring=512, chunks=900),  # wrapped ring, one token at a time
+    case(8, 4, 2500, bits=4, ring=1024, chunks=5),  # ring filled by chunks
+    case(8, 2, 500, D=96),  # not a power of two: rotated on the host
+    case(28, 4, 4100, B=4, chunks=2),  # batch 4, many splits
+    case(28, 4, 3000, scaling=True, window=64),  # the defaults
+    case(28, 4, 700, L=3, scaling=True, window=64, chunks=2),
+    case(4, 1, 2100, D=256, scaling=True, window=64),
+    case(8, 2, 300, D=96, window=64),
+    case(9, 3, 700, D=64, ring=512, scaling=True, chunks=700),
+    case(28, 4, 0, scaling=True, window=64, lengths=[2100, 40, 700, 1500]),  # batch 4
+    case(8, 2, 0, D=64, L=2, scaling=True, window=16, lengths=[300, 90]),
+]
+# What the CPU emulator (tests/kernel_emulator.py) runs in CI: small, and one of each
+# code path (splits, segments, scaling, window, causal blocks, rings, batches, D=96).
+EMULATED_CASES = [
+    case(9, 3, 37, D=64),
+    case(8, 2, 600, L=4, bits=4),
+    case(8, 2, 700, D=64, scaling=True, window=64, chunks=2),
+    case(4, 2, 300, L=3, D=64, scaling=True, window=16),
+    case(4, 1, 300, D=256, L=2, centering=False),
+    case(6, 3, 400, D=64, ring=256, scaling=True, chunks=400),
+    case(8, 2, 300, D=96, window=64),
+    case(8, 2, 0, D=64, L=2, scaling=True, window=16, lengths=[300, 90, 150]),
 ]
 
 
-def _check_case(B, n_q, n_kv, L, T, D, bits, centering, ring, chunks):
-    cache = filled_cache(B, n_kv, T, D, bits, centering, ring, chunks=chunks)
-    q = mx.random.normal((B, n_q, L, D))
-    mask = "causal" if L > 1 else None
+def make_case_cache(c):
+    if c["lengths"] is not None:
+        return batch_cache(c["lengths"], c["n_kv"], c["D"], c["bits"], c["scaling"], c["window"])
+    return filled_cache(
+        c["B"],
+        c["n_kv"],
+        c["T"],
+        c["D"],
+        c["bits"],
+        c["centering"],
+        c["ring"],
+        chunks=c["chunks"],
+        scaling=c["scaling"],
+        window=c["window"],
+    )
+
+
+def _check_case(c, backend=BACKEND):
+    cache = make_case_cache(c)
+    B = c["B"] if c["lengths"] is None else len(c["lengths"])
+    q = mx.random.normal((B, c["n_q"], c["L"], c["D"]))
+    mask = "causal" if c["L"] > 1 else None
+    if c["lengths"] is not None and c["L"] > 1:
+        cache.update_and_fetch(
+            mx.random.normal((B, c["n_kv"], c["L"], c["D"])),
+            mx.random.normal((B, c["n_kv"], c["L"], c["D"])),
+        )
+        mask = cache.make_mask(c["L"], return_array=True)
     assert kernels.supports(q, cache, mask)
-    ref = reference(q, cache, D**-0.5, mask)
-    fused = kernels.fused_decode_attention(q, cache, D**-0.5, mask, BACKEND)
-    err = float(mx.max(mx.abs(fused - ref)))
+    scale = c["D"] ** -0.5
+    with mx.stream(mx.cpu):  # exact float32 (GPU matmuls may round like TF32)
+        ref = reference(q, cache, scale, mask)
+    fused = kernels.fused_decode_attention(q, cache, scale, mask, backend)
+    err = float(mx.max(mx.abs(fused - ref)) / mx.max(mx.abs(ref)))
     np.testing.assert_allclose(np.array(fused), np.array(ref), atol=2e-4, rtol=1e-3)
     return err
 
 
 QUANTIZE_CASES = [(64, 2, True), (64, 3, False), (128, 3, True), (128, 4, True), (256, 3, False)]
+QUANTIZE_SCALED = (128, 3, True)  # keys times 1/σ, minus μ/σ (key scaling)
 
 
-def _check_quantize(D, bits, with_mean):
+def _check_quantize(D, bits, with_mean, backend=BACKEND, tokens=70, with_scale=False):
     """Keys (minus a mean) and values of other bits in one launch, against the
     reference quantizer."""
     from mlx_lm.models.turboquant import turboquant_quantize
@@ -89,12 +182,14 @@ def _check_quantize(D, bits, with_mean):
     from mlx_lm.models.turboquant_rotation import rotation_signs
 
     mx.random.seed(D + bits)
-    x = (3.0 * mx.random.normal((2, 3, 70, D))).astype(mx.float16)
-    values = mx.random.normal((2, 3, 70, D)).astype(mx.float16)
+    x = (3.0 * mx.random.normal((2, 3, tokens, D))).astype(mx.float16)
+    values = mx.random.normal((2, 3, tokens, D)).astype(mx.float16)
     mean = mx.random.normal((2, 3, 1, D)) if with_mean else None
+    scale = mx.exp(mx.random.normal((2, 3, 1, D))) if with_scale else None
+    coded = x.astype(mx.float32) * (1.0 if scale is None else scale)
     value_bits = 5 - bits if bits < 4 else 4
     kinds = [
-        (x.astype(mx.float32) - mean if with_mean else x, rotation_signs(D, 0, 1, "k"), bits),
+        (coded - mean if with_mean else coded, rotation_signs(D, 0, 1, "k"), bits),
         (values, rotation_signs(D, 0, 1, "v"), value_bits),
     ]
     codebooks = [mx.array(lloyd_max_codebook(b, D), dtype=mx.float32) for _, _, b in kinds]
@@ -108,7 +203,8 @@ def _check_quantize(D, bits, with_mean):
         kinds[1][1],
         codebooks[1],
         value_bits,
-        BACKEND,
+        backend,
+        scale=scale,
     )
     differing = 0.0
     for (ref_x, signs, b), codebook, packed, norms in zip(
@@ -125,15 +221,62 @@ def _check_quantize(D, bits, with_mean):
     return differing
 
 
+def real_attention_inputs(model, tokens, layers):
+    """{layer: (queries of every position, keys, values, scale)} of a real model over
+    `tokens`: keys and values from its FP16 cache (after RoPE and any key norm), queries
+    as its attention received them."""
+    import importlib
+
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    module = importlib.import_module(type(model).__module__)
+    original = module.scaled_dot_product_attention
+    calls = []
+
+    def capture(queries, keys, values, cache, scale, mask, **kw):
+        calls.append((queries, scale))
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, **kw)
+
+    module.scaled_dot_product_attention = capture
+    try:
+        cache = make_prompt_cache(model)
+        model(mx.array(tokens)[None], cache=cache)
+    finally:
+        module.scaled_dot_product_attention = original
+    out = {}
+    for i in layers:
+        assert type(cache[i]) is KVCache, "take layers with a full (not sliding) cache"
+        keys, values = cache[i].state
+        out[i] = (calls[i][0], keys, values, calls[i][1])
+    return out
+
+
+def check_real_layer(queries, keys, values, scale, backend=BACKEND, L=1, bits=3):
+    """The defaults (key scaling, float16 window 64) on a real layer's keys and values:
+    the kernel against the reference for the last L queries."""
+    cache = TurboQuantKVCache(bits, bits, key_scaling=True, fp16_window=64)
+    cache.update_and_fetch(keys, values)
+    q = queries[:, :, -L:]
+    mask = "causal" if L > 1 else None
+    assert kernels.supports(q, cache, mask)
+    with mx.stream(mx.cpu):
+        ref = reference(q, cache, scale, mask)
+    fused = kernels.fused_decode_attention(q, cache, scale, mask, backend)
+    np.testing.assert_allclose(np.array(fused), np.array(ref), atol=2e-4, rtol=1e-3)
+    return float(mx.max(mx.abs(fused - ref)) / mx.max(mx.abs(ref)))
+
+
 def test_dispatch_uses_reference_without_a_gpu_backend():
     cache = filled_cache(1, 2, 50, 64, 3)
     q = mx.random.normal((1, 4, 1, 64))
     ours = scaled_dot_product_attention(q, None, None, cache=cache, scale=0.125, mask=None)
     if BACKEND is None:
         np.testing.assert_array_equal(np.array(ours), np.array(reference(q, cache, 0.125, None)))
-    # Long query blocks (prefill) and array masks always take the reference path.
+    # Long query blocks (prefill) and array masks on single caches take the reference.
     assert not kernels.supports(mx.zeros((1, 4, 9, 64)), cache, "causal")
     assert not kernels.supports(q, cache, mx.zeros((1, 50), mx.bool_))
+    # So does a cache whose tokens are all still in the float16 window.
+    assert not kernels.supports(q, filled_cache(1, 2, 50, 64, 3, window=64), None)
 
 
 def test_kernel_sources_share_one_body():
@@ -148,14 +291,53 @@ if pytest is not None:
     needs_gpu = pytest.mark.skipif(BACKEND is None, reason="no fused-kernel GPU backend here")
 
     @needs_gpu
-    @pytest.mark.parametrize("case", CASES)
-    def test_fused_matches_reference(case):
-        _check_case(*case)
+    @pytest.mark.parametrize("c", CASES)
+    def test_fused_matches_reference(c):
+        _check_case(c)
 
     @needs_gpu
-    @pytest.mark.parametrize("case", QUANTIZE_CASES)
-    def test_fused_quantize_matches_reference(case):
-        _check_quantize(*case)
+    @pytest.mark.parametrize("c", QUANTIZE_CASES)
+    def test_fused_quantize_matches_reference(c):
+        _check_quantize(*c)
+
+    @pytest.fixture(scope="module")
+    def emulated():
+        import kernel_emulator
+
+        kernel_emulator.register()
+        return "emulate"
+
+    @pytest.mark.parametrize("c", EMULATED_CASES)
+    def test_emulated_kernel_matches_reference(c, emulated):
+        """The CUDA kernel source, run on the CPU (one thread per GPU thread), against
+        the reference: this CI's check of the kernels' logic, which Metal shares."""
+        _check_case(c, emulated)
+
+    @pytest.mark.slow
+    def test_emulated_kernel_on_real_smollm2_layer(emulated, smollm2, prose):
+        """Real keys and values (SmolLM2, 300 tokens of prose, a middle layer)."""
+        model, tokenizer = smollm2
+        tokens = tokenizer.encode(prose)[:300]
+        ((q, k, v, scale),) = real_attention_inputs(model, tokens, [15]).values()
+        check_real_layer(q, k, v, scale, emulated, L=2)
+
+    def test_emulated_quantize_matches_reference(emulated):
+        _check_quantize(64, 3, True, emulated, tokens=6, with_scale=True)
+
+    def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
+        """The emulated check can fail: a kernel that skips the oldest slot of the
+        float16 window differs from the reference."""
+        broken = kernels.PARTIAL_BODY.replace(
+            "lo_r[i] = in_window ? bound : pad", "lo_r[i] = in_window ? bound + 1 : pad"
+        )
+        assert broken != kernels.PARTIAL_BODY
+        monkeypatch.setattr(kernels, "PARTIAL_BODY", broken)
+        kernels._kernels.cache_clear()
+        try:
+            with pytest.raises(AssertionError):
+                _check_case(case(4, 2, 300, L=3, D=64, window=16), emulated)
+        finally:
+            kernels._kernels.cache_clear()
 
 
 if __name__ == "__main__":
@@ -165,18 +347,25 @@ if __name__ == "__main__":
     if BACKEND is None:
         sys.exit("no fused-kernel backend: nothing to compare")
     failures = 0
-    for case in CASES:
+    # `python tests/test_turboquant_kernels.py N` starts at case N (device time is short).
+    first = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+    for c in CASES[first:]:
+        name = {k: v for k, v in c.items() if v not in (None, False, 0) or k in ("L", "B")}
         try:
-            print(case, f"max |fused - reference| = {_check_case(*case):.2e}", flush=True)
+            print(
+                name,
+                f"max |fused - reference| / max |reference| = {_check_case(c):.2e}",
+                flush=True,
+            )
         except Exception as e:  # report every case, then fail
             failures += 1
-            print(case, "FAILED:", str(e)[:2000], flush=True)
-    for case in QUANTIZE_CASES:
+            print(name, "FAILED:", str(e)[:2000], flush=True)
+    for c in QUANTIZE_CASES + [QUANTIZE_SCALED + (BACKEND, 70, True)]:
         try:
-            print("quantize", case, f"codes differing: {_check_quantize(*case):.2e}", flush=True)
+            print("quantize", c, f"codes differing: {_check_quantize(*c):.2e}", flush=True)
         except Exception as e:
             failures += 1
-            print("quantize", case, "FAILED:", str(e)[:2000], flush=True)
+            print("quantize", c, "FAILED:", str(e)[:2000], flush=True)
     sys.exit(1 if failures else 0)
 
 
@@ -192,6 +381,11 @@ METAL_SHIM = """
 struct uint3 { unsigned x, y, z; };
 enum class mem_flags { mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
+inline void simdgroup_barrier(mem_flags) {}
+typedef unsigned short ushort;
+typedef unsigned long ulong;
+inline float simd_shuffle_xor(float x, ushort) { return x; }
+inline unsigned clz(unsigned x) { return x; }
 namespace metal { namespace fast { inline float exp(float x) { return std::exp(x); } } }
 using std::max;
 using std::min;
@@ -214,6 +408,9 @@ CUDA_SHIM = """
 struct dim3 { unsigned x, y, z; };
 static dim3 threadIdx, blockIdx;
 inline void __syncthreads() {}
+inline void __syncwarp() {}
+inline float __shfl_xor_sync(unsigned, float x, int) { return x; }
+inline int __clz(int x) { return x; }
 inline float __expf(float x) { return std::exp(x); }
 using std::max;
 using std::min;
@@ -230,7 +427,10 @@ INPUT_TYPES = dict(
     q="HALF",
     key_signs="float",
     value_signs="float",
-    means="HALF",
+    seg_scale="float",
+    seg_mean="float",
+    window_keys="HALF",
+    window_values="HALF",
     packed_keys="uint32_t",
     key_norms="HALF",
     packed_values="uint32_t",
@@ -246,12 +446,14 @@ INPUT_TYPES = dict(
     keys="HALF",
     values="HALF",
     mean="float",
+    scale="float",
 )
 
 PARTIAL_TEMPLATES = [
     dict(
         D=128,
         R=7,
+        RC=7,
         L=1,
         NT=128,
         KB=3,
@@ -259,18 +461,59 @@ PARTIAL_TEMPLATES = [
         KW=12,
         VW=12,
         NSEG=4,
+        MAXSEG=8,
+        SCALED=1,
+        RING=0,
+        WIN=1,
         CAUSAL=0,
-        SPLITS=4,
-        VSUB=32,
         ROT=1,
+        HKV=4,
+        STAGE=1,
     ),
     dict(
-        D=64, R=12, L=4, NT=128, KB=4, VB=2, KW=8, VW=4, NSEG=0, CAUSAL=1, SPLITS=1, VSUB=32, ROT=0
+        D=64,
+        R=12,
+        RC=12,
+        L=4,
+        NT=128,
+        KB=4,
+        VB=2,
+        KW=8,
+        VW=4,
+        NSEG=0,
+        MAXSEG=8,
+        SCALED=0,
+        RING=1,
+        WIN=0,
+        CAUSAL=1,
+        ROT=0,
+        HKV=2,
+        STAGE=1,
+    ),
+    dict(
+        D=256,
+        R=16,
+        RC=8,
+        L=2,
+        NT=128,
+        KB=2,
+        VB=8,
+        KW=16,
+        VW=64,
+        NSEG=3,
+        MAXSEG=3,
+        SCALED=0,
+        RING=0,
+        WIN=1,
+        CAUSAL=1,
+        ROT=1,
+        HKV=1,
+        STAGE=0,
     ),
 ]
 QUANTIZE_TEMPLATES = [
-    dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, NK=28, HAS_MEAN=1, PER_MEAN=1),
-    dict(D=64, KBITS=4, VBITS=2, KW=8, VW=4, NK=7, HAS_MEAN=0, PER_MEAN=7),
+    dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, NK=28, HAS_MEAN=1, HAS_SCALE=1, PER_MEAN=1),
+    dict(D=64, KBITS=4, VBITS=2, KW=8, VW=4, NK=7, HAS_MEAN=0, HAS_SCALE=0, PER_MEAN=7),
 ]
 
 
@@ -310,7 +553,7 @@ def translation_unit(backend: str, segment_type: str) -> str:
         kernels.PARTIAL_OUTPUTS,
         PARTIAL_TEMPLATES,
     )
-    merge_instances = [dict(D=128, R=7, SPLITS=4, ROT=1), dict(D=64, R=12, SPLITS=1, ROT=0)]
+    merge_instances = [dict(D=128, R=7, WIN=1, ROT=1), dict(D=64, R=12, WIN=0, ROT=0)]
     unit += kernel(
         "merge_kernel", merge, kernels.MERGE_INPUTS, ["out"], merge_instances, "typename out_t"
     )
@@ -333,7 +576,15 @@ def _compile(unit: str, tmp_path):
     path = tmp_path / "kernel.cpp"
     path.write_text(unit)
     r = subprocess.run(
-        [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wno-unused-variable", str(path)],
+        [
+            compiler,
+            "-std=c++17",
+            "-fsyntax-only",
+            "-Wall",
+            "-Wno-unused-variable",
+            "-Wno-unknown-pragmas",
+            str(path),
+        ],
         capture_output=True,
         text=True,
     )
@@ -351,6 +602,6 @@ if pytest is not None:
         _compile(translation_unit(backend, segment_type), tmp_path)
 
     def test_syntax_check_catches_errors(tmp_path):
-        broken = translation_unit("metal", "int32_t").replace("row_l[tq_tid] * alpha", "row_l[")
+        broken = translation_unit("metal", "int32_t").replace("l[i] * alpha", "l[")
         with pytest.raises(AssertionError):
             _compile(broken, tmp_path)

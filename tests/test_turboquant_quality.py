@@ -57,7 +57,9 @@ def test_real_kv_cosine_and_attention_error_vs_affine(captured):
     for bits in (2, 3, 4):
         stats = {"tq": [], "affine": [], "k_cos": [], "v_cos": [], "ak_cos": [], "av_cos": []}
         for i, (q, k, v) in enumerate(layers):
-            k_hat, v_hat = TurboQuantKVCache(bits, bits, layer_idx=i).update_and_fetch(k, v)
+            tq = TurboQuantKVCache(bits, bits, layer_idx=i)
+            tq.update_and_fetch(k, v)
+            k_hat, v_hat = tq.dequantized()
             ak, av = affine(k, bits), affine(v, bits)
             stats["k_cos"].append(float(mx.mean(cosine(k, k_hat))))
             stats["v_cos"].append(float(mx.mean(cosine(v, v_hat))))

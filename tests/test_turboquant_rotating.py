@@ -52,7 +52,8 @@ def test_keep_tokens_are_preserved_and_memory_is_flat():
     sizes = []
     for t in range(20):
         x = (10.0 * basis[t])[None, None, None]
-        k, _ = c.update_and_fetch(x, x)
+        c.update_and_fetch(x, x)
+        k, _ = c.dequantized()
         sizes.append(c.nbytes)
     held = np.argmax(np.array(k[0, 0] @ basis.T), axis=-1)
     assert sorted(held.tolist()) == [0, 1] + list(range(20 - (max_size - keep), 20))

@@ -14,8 +14,11 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .turboquant_kernels import fused_backend, fused_decode_attention, supports
+from .turboquant_kernels import MAX_QUERY_TOKENS, fused_backend, fused_decode_attention, supports
 from .turboquant_rotation import inverse_rotate, rotate
+
+# Most attention scores one windowed SDPA call may hold (float32: 256 MB).
+MAX_SCORES = 1 << 26
 
 
 def turboquant_scaled_dot_product_attention(
@@ -37,7 +40,19 @@ def turboquant_scaled_dot_product_attention(
     q_rot = rotate(queries.astype(mx.float32), cache.key_signs).astype(dtype)
     k_rot, v_rot = cache.rotated_keys_values(dtype)
     out_rot = mx.fast.scaled_dot_product_attention(q_rot, k_rot, v_rot, scale=scale, mask=mask)
-    return inverse_rotate(out_rot.astype(mx.float32), cache.value_signs).astype(dtype)
+    out = inverse_rotate(out_rot.astype(mx.float32), cache.value_signs).astype(dtype)
+    return _released(out) if queries.shape[2] > MAX_QUERY_TOKENS else out
+
+
+def _released(x: mx.array) -> mx.array:
+    """Evaluate a long query block's attention now on a GPU. There a buffer freed by
+    the graph returns to the allocator only when the work that used it completes, so
+    without this every layer's transient (the dequantized context, the scores of an
+    unfused SDPA) would stay until the whole prefill chunk finished: measured at 32K
+    (Qwen2.5-7B shapes, H200), a 43 GB peak against FP16's 14.4 GB."""
+    if mx.default_device() == mx.gpu:
+        mx.eval(x)
+    return x
 
 
 def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[Any]) -> mx.array:
@@ -84,11 +99,19 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
             allowed = allowed & model_mask
         else:
             allowed = mx.where(allowed, model_mask.astype(dtype), mx.array(-mx.inf, dtype))
-    out_rot = mx.fast.scaled_dot_product_attention(
-        q_rot,
-        mx.concatenate(keys, axis=2),
-        mx.concatenate(values, axis=2),
-        scale=scale,
-        mask=allowed,
-    )
+    keys, values = mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
+    # An array mask takes SDPA's unfused path, which holds every score: a long query
+    # block (prefill) goes in pieces of at most MAX_SCORES scores.
+    block = max(1, MAX_SCORES // (B * n_q * allowed.shape[-1]))
+    pieces = []
+    for a in range(0, L, block):
+        piece = mx.fast.scaled_dot_product_attention(
+            q_rot[:, :, a : a + block],
+            keys,
+            values,
+            scale=scale,
+            mask=allowed[..., a : a + block, :],
+        )
+        pieces.append(_released(piece) if L > MAX_QUERY_TOKENS else piece)
+    out_rot = mx.concatenate(pieces, axis=2)
     return inverse_rotate(out_rot, cache.value_signs).astype(dtype)

@@ -12,9 +12,11 @@ keys carry a large per-channel offset that costs quantization levels without car
 information, while values compress well as they are.
 
 Attention (see `turboquant_attention.py`) works in the rotated domain, so nothing is
-inverse-rotated per token. `update_and_fetch` still returns ordinary (dequantized) keys
-and values, built lazily: a model that calls `mx.fast.scaled_dot_product_attention`
-directly gets correct results, and with our dispatch they are never computed.
+inverse-rotated per token. Like upstream's `QuantizedKVCache`, `update_and_fetch`
+returns the cache's compressed form (the packed codes and norms), which models pass
+straight to `base.scaled_dot_product_attention`: it dispatches on the cache. Building
+float keys and values there would cost a decode step dozens of graph ops per layer for
+arrays that the fused kernels never read; `dequantized()` gives them on request.
 """
 
 from functools import lru_cache
@@ -26,7 +28,7 @@ import numpy as np
 from .cache import RotatingKVCache, _BaseCache, _causal_mask_for, _LeftPaddedBatch
 from .turboquant import turboquant_dequantize_rotated, turboquant_quantize
 from .turboquant_codebook import lloyd_max_codebook
-from .turboquant_kernels import fused_backend, fused_quantize, quantize_supported
+from .turboquant_kernels import KernelView, fused_backend, fused_quantize, quantize_supported
 from .turboquant_packing import packed_words
 from .turboquant_rotation import inverse_rotate, rotate, rotation_signs
 
@@ -194,8 +196,8 @@ class TurboQuantCodec:
 
     Like μ_s, σ_s depends only on stored codes of earlier positions. Channels with a
     large spread (keys after a per-head key norm, as in Gemma 3) then stop taking the
-    quantization levels of the others. The fused GPU kernels do not implement it: with
-    key scaling, attention runs the reference path.
+    quantization levels of the others. The fused kernel scores segment s with the
+    query Π(q∘σ_s) (`kernel_segment_stats`).
     """
 
     def _init_codec(self, key_bits, value_bits, seed, layer_idx, key_centering, key_scaling=False):
@@ -299,6 +301,22 @@ class TurboQuantCodec:
         if self.key_scaling:
             self.key_scales = scale if s == 1 else mx.concatenate([self.key_scales, scale], axis=2)
 
+    def _fused_centering(self, s: int):
+        """(1/σ_s or None, μ_s/σ_s or None) float32 [B, n_kv_heads, 1, head_dim]: the
+        fused quantizer codes keys of segment s as k/σ_s - μ_s/σ_s. Made once per
+        segment, not per decode step."""
+        if s == 0:
+            return None, None
+
+        def make():
+            mean = self._original_key_mean(s)
+            if self.key_scales is None:
+                return None, mean
+            scale = self._key_scale(s)
+            return 1.0 / scale, mean / scale
+
+        return self._derived(("fused", s), make)
+
     def _key_scale(self, s: int) -> mx.array:
         """σ_s [B, n_kv_heads, 1, head_dim] float32 (original domain; σ_0 = 1)."""
         if s == 0 or self.key_scales is None:
@@ -339,18 +357,19 @@ class TurboQuantCodec:
             end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
             if s == self.segments_held:
                 self._add_key_mean(s, first, pieces)
-            mean = self._original_key_mean(s) if s > 0 else None
             x = keys[:, :, start - first : end - first]
-            scale = self._key_scale(s) if s > 0 and self.key_scales is not None else None
-            if scale is not None:  # (x - μ) / σ = x / σ - μ / σ
-                x, mean = x.astype(mx.float32) / scale, mean / scale
             if backend is None:
+                mean = self._original_key_mean(s) if s > 0 else None
+                scale = self._key_scale(s) if s > 0 and self.key_scales is not None else None
+                if scale is not None:  # (x - μ) / σ = x / σ - μ / σ
+                    x, mean = x.astype(mx.float32) / scale, mean / scale
                 if mean is not None:
                     x = x.astype(mx.float32) - mean
                 pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
                 kn = kn.astype(mx.float16)
             else:  # one launch instead of a chain of small kernels
                 with_values = values if coded_values is None else None
+                inv_scale, mean = self._fused_centering(s)
                 out = fused_quantize(
                     x,
                     mean,
@@ -362,6 +381,7 @@ class TurboQuantCodec:
                     self.value_centroids,
                     self.value_bits,
                     backend,
+                    scale=inv_scale,
                 )
                 pk, kn = out[:2]
                 coded_values = out[2:] if with_values is not None else coded_values
@@ -410,9 +430,18 @@ class TurboQuantCodec:
         )
         return k.astype(dtype), v.astype(dtype)
 
+    def _compressed(self):
+        """What update_and_fetch returns: (packed keys, key norms), (packed values, value
+        norms), the whole buffers (no ops)."""
+        return (self.packed_keys, self.key_norms), (self.packed_values, self.value_norms)
+
+    def dequantized(self, dtype=mx.float32):
+        """Keys and values of the whole context as float arrays in the model's domain
+        (codes dequantized, float16-window tokens as held), lazily."""
+        return self._fetch(dtype)
+
     def _fetch(self, dtype):
-        """Lazily dequantized keys and values of the context, in the model's domain (what
-        update_and_fetch returns; never computed when attention goes through our dispatch)."""
+        """Dequantized keys and values of the context, in the model's domain."""
         k_rot, v_rot = self.rotated_keys_values(mx.float32)
         k = inverse_rotate(k_rot, self.key_signs).astype(dtype)
         return k, inverse_rotate(v_rot, self.value_signs).astype(dtype)
@@ -434,6 +463,24 @@ class TurboQuantCodec:
         return self._derived(
             "with_one", lambda: mx.concatenate([mx.ones_like(scales[:, :, :1]), scales], 2)
         )
+
+    def kernel_segment_stats(self):
+        """(σ_s, M̃_s = Π(μ_s / σ_s)) for every segment held, float32 [B, n_kv_heads,
+        segments, head_dim]: the fused kernel scores segment s as Π(q∘σ_s)·(ŷ_j + M̃_s).
+        σ is None without key scaling (M̃ = M), both None without key means."""
+        means = self.key_means_with_zero()
+        if means is None:
+            return None, None
+
+        def make():
+            scales = self.key_scales_with_one()
+            if scales is None:
+                return None, means.astype(mx.float32)
+            sigma = scales.astype(mx.float32)
+            mu = inverse_rotate(means.astype(mx.float32), self.key_signs)
+            return sigma, rotate(mu / sigma, self.key_signs)
+
+        return self._derived("kernel_stats", make)
 
     def _original_key_mean(self, s: int) -> mx.array:
         """μ_s = Πᵀ M_s [B, n_kv_heads, 1, head_dim] float32, what new keys are centered by."""
@@ -534,7 +581,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
     def _slide_window(self, keys: mx.array, values: mx.array):
         """Append new tokens to the float16 window; return the tokens that slide out of
         it (positions coded.. , to be quantized)."""
-        keys, values = keys.astype(mx.float16), values.astype(mx.float16)
+        if keys.dtype != mx.float16:
+            keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         if self.recent_keys is not None:
             held = self.coded - self.recent_start
             keys = mx.concatenate([self.recent_keys[:, :, held:], keys], axis=2)
@@ -555,7 +603,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         if n == 0:
             if self.head_dim is None:
                 self._setup(keys.shape[-1], values.shape[-1])
-            return self._fetch(keys.dtype)
+            return self._compressed()
         pk, kn, pv, vn = self._quantize(new_keys, new_values, self.coded)
         self._grow(B, n_kv_heads, n)
         prev = self.coded
@@ -564,7 +612,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         self.key_norms[:, :, prev : self.coded] = kn
         self.packed_values[:, :, prev : self.coded] = pv
         self.value_norms[:, :, prev : self.coded] = vn
-        return self._fetch(keys.dtype)
+        return self._compressed()
 
     def _fetch(self, dtype):
         # One compiled call over the whole buffers (shapes change only as they grow): a
@@ -613,10 +661,21 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
     def is_ring(self) -> bool:
         return False
 
-    def kernel_buffers(self):
-        """What the fused kernels read: the whole allocated buffers (no copies), the
-        segment id of every slot and the number of slots holding codes."""
-        return (*self._buffers(), self._segment_ids(), self.coded)
+    def kernel_view(self) -> KernelView:
+        """What the fused decode kernel reads (slot = position): the whole allocated
+        buffers, no copies, and the float16 window."""
+        B = self.packed_keys.shape[0]
+        window = self.fp16_window and self.recent_keys is not None
+        return KernelView(
+            *self._buffers(),
+            segments=None,
+            coded=self.coded,
+            slots=self.offset,
+            first=self.recent_start if window else self.offset,
+            window_keys=self.recent_keys if window else None,
+            window_values=self.recent_values if window else None,
+            rows=((0, self.recent_start),) * B,
+        )
 
     # ---- the cache interface ----
 
@@ -758,7 +817,7 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
             segments.astype(mx.uint8)[None, None, :, None], (B, 1, segments.size, 1)
         )
         RotatingKVCache.update_and_fetch(self, (pk, kn[..., None], segments), (pv, vn[..., None]))
-        return self._fetch(keys.dtype)
+        return self.keys, self.values
 
     @property
     def n_kv_heads(self) -> int:
@@ -767,11 +826,14 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
     def is_ring(self) -> bool:
         return True
 
-    def kernel_buffers(self):
-        """The ring's buffers (slot order does not matter to attention), the segment id
-        of every slot (batch 0: all sequences share positions) and the slots filled."""
+    def kernel_view(self) -> KernelView:
+        """The ring's buffers (slot order does not matter to attention) with the segment
+        id of every slot (batch 0: all sequences share positions)."""
         (pk, kn, segments), (pv, vn) = self.keys, self.values
-        return pk, kn, pv, vn, segments, min(self.offset, pk.shape[2])
+        filled = min(self.offset, pk.shape[2])
+        return KernelView(
+            pk, kn, pv, vn, segments, filled, filled, filled, None, None, ((0, 0),) * pk.shape[0]
+        )
 
     def rotated_keys_values(self, dtype=mx.float32):
         (pk, kn, segments), (pv, vn) = self._filled()
@@ -989,8 +1051,8 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     oldest one with that row's segment, mean and scale. Each row therefore holds the
     codes, means, scales and window its sequence would hold decoded alone.
 
-    Attention goes through the pure-MLX reference (`turboquant_attention`); the fused
-    kernels do not take batch caches.
+    Decode attention runs the fused kernels on a GPU (per-row padding and windows),
+    the pure-MLX reference (`turboquant_attention`) elsewhere.
     """
 
     step = 256
@@ -1271,7 +1333,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
             self._drop_read_window()
         for t in range(S):
             self._append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
-        return self._fetch(keys.dtype)
+        return self._compressed()
 
     def _drop_read_window(self):
         """Drop float16 slots before every row's first window token (already coded)."""
@@ -1335,13 +1397,15 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
             mean = self._derived(("mean", tuple(segs)), lambda: self._row_columns(segs, False))
             if self.key_scales is not None:
                 scale = self._derived(("scale", tuple(segs)), lambda: self._row_columns(segs, True))
-        x = keys
-        if scale is not None:  # (x - μ) / σ = x / σ - μ / σ, σ = 1 in segment 0
-            x, mean = x.astype(mx.float32) / scale, mean / scale
         backend = fused_backend() if quantize_supported(d) else None
-        if backend is not None:  # keys and values in one launch
+        if backend is not None:  # keys and values in one launch: k/σ - μ/σ in the kernel
+            inv_scale = None
+            if scale is not None:
+                inv_scale, mean = self._derived(
+                    ("fused", tuple(segs)), lambda: (1.0 / scale, mean / scale)
+                )
             return fused_quantize(
-                x,
+                keys,
                 mean,
                 values,
                 self.key_signs,
@@ -1351,7 +1415,11 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
                 self.value_centroids,
                 self.value_bits,
                 backend,
+                scale=inv_scale,
             )
+        x = keys
+        if scale is not None:  # (x - μ) / σ = x / σ - μ / σ, σ = 1 in segment 0
+            x, mean = x.astype(mx.float32) / scale, mean / scale
         if mean is not None:
             x = x.astype(mx.float32) - mean
         pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
@@ -1443,8 +1511,21 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         rv = _pad_axis2(self.recent_values, self._filled - n_w).astype(dtype)
         return mx.where(window, rk, k), mx.where(window, rv, v)
 
-    def kernel_buffers(self):
-        raise ValueError("The fused TurboQuant kernels do not take batch caches.")
+    def kernel_view(self) -> KernelView:
+        """Every row's codes and window in the batch's slots (see `window_layout`)."""
+        coded = max(p + c for p, c in zip(self._pad, self.coded_by))
+        window = self.recent_keys is not None
+        first = self._filled - self.recent_keys.shape[2] if window else self._filled
+        return KernelView(
+            *self._buffers(),
+            segments=None,
+            coded=coded,
+            slots=self._filled,
+            first=first,
+            window_keys=self.recent_keys,
+            window_values=self.recent_values,
+            rows=tuple((p, p + r) for p, r in zip(self._pad, self.recent_start_by)),
+        )
 
     # ---- the cache interface ----
 

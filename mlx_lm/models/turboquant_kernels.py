@@ -26,44 +26,54 @@ is the reference; set MLX_LM_TURBO_REFERENCE=1 to force it.
 import math
 import os
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import mlx.core as mx
 
+from .turboquant_packing import packed_words
 from .turboquant_rotation import inverse_rotate, rotate
 
-# Most query rows (GQA group x query tokens) one thread group scores at once, and most
-# query tokens: longer query blocks (prefill) take the reference path.
-MAX_ROWS = 32
+# Most query tokens of a decode-kernel call (longer query blocks, prefill, take the
+# reference path), and the most accumulator registers per lane (query rows of a thread
+# group x head_dim / 32): more rows go to further thread groups.
 MAX_QUERY_TOKENS = 8
-# Value tokens staged in shared memory at a time, and the shared memory a thread group
-# may use (Metal's limit; CUDA allows 48 KB of static shared memory).
-VALUE_SUBTILE = 32
+MAX_ACCUMULATORS = 64
+# The shared memory a thread group may use (Metal's limit; CUDA allows 48 KB static).
 SHARED_BYTES = 32 * 1024
+# Threads per group: NT / 32 warps, each an independent flash-decoding worker.
+THREADS = 128
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
 # least MIN_TOKENS_PER_SPLIT tokens.
-MIN_TOKENS_PER_SPLIT = 128
+MIN_TOKENS_PER_SPLIT = 256
 TARGET_GROUPS = 1024
 
 CUDA_PRELUDE = """
 #define TQ_SHARED __shared__
 #define TQ_SYNC() __syncthreads()
+#define TQ_WARP_SYNC() __syncwarp()
+#define TQ_SHFL_XOR(x, m) __shfl_xor_sync(0xffffffffu, x, m)
+#define TQ_CLZ(x) __clz(x)
 #define TQ_PTR(T) const T*
 #define TQ_OUT(T) T*
 #define TQ_FN __device__ inline
 #define TQ_EXP(x) __expf(x)
 typedef __half half_t;
+typedef unsigned long long tq_u64;
 """
 
 METAL_PRELUDE = """
 #define TQ_SHARED threadgroup
 #define TQ_SYNC() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define TQ_WARP_SYNC() simdgroup_barrier(mem_flags::mem_threadgroup)
+#define TQ_SHFL_XOR(x, m) simd_shuffle_xor(x, (ushort)(m))
+#define TQ_CLZ(x) clz(x)
 #define TQ_PTR(T) const device T*
 #define TQ_OUT(T) device T*
 #define TQ_FN inline
 #define TQ_EXP(x) metal::fast::exp(x)
 typedef half half_t;
+typedef ulong tq_u64;
 """
 
 # Thread and group ids: the only lines of the body that differ per backend (MLX detects
@@ -89,6 +99,51 @@ TQ_FN uint32_t tq_code(Words words, int i, int bits) {
   return code & ((1u << bits) - 1u);
 }
 
+// Codes first..first+N-1 (N * bits <= 32): at most two word loads for all N.
+template <int N, typename Words, typename Codes>
+TQ_FN void tq_codes(Words words, int first, int bits, Codes codes) {
+  const int bit = first * bits;
+  const int w = bit >> 5;
+  const int shift = bit & 31;
+  tq_u64 x = words[w];
+  if (shift + N * bits > 32) {
+    x |= static_cast<tq_u64>(words[w + 1]) << 32;
+  }
+  x >>= shift;
+  for (int i = 0; i < N; i++) {
+    codes[i] = static_cast<uint32_t>(x >> (i * bits)) & ((1u << bits) - 1u);
+  }
+}
+
+// Sum and max over the 32 lanes of a warp (a Metal SIMD group); every lane gets them.
+TQ_FN float tq_warp_sum(float x) {
+  for (int m = 16; m > 0; m >>= 1) {
+    x += TQ_SHFL_XOR(x, m);
+  }
+  return x;
+}
+
+TQ_FN float tq_warp_max(float x) {
+  for (int m = 16; m > 0; m >>= 1) {
+    x = max(x, TQ_SHFL_XOR(x, m));
+  }
+  return x;
+}
+
+// Key-mean segment of position p (turboquant_cache.key_mean_segment): 0 below 32, else
+// floor(log4(p / 32)) + 1, at most max_segment; and b_s, the segment's first position.
+TQ_FN int tq_segment(int p, int max_segment) {
+  if (p < 32) {
+    return 0;
+  }
+  const int log2 = 31 - TQ_CLZ(p >> 5);
+  return min(max_segment, log2 / 2 + 1);
+}
+
+TQ_FN int tq_segment_start(int s) {
+  return s == 0 ? 0 : 32 << (2 * (s - 1));
+}
+
 // h <- H h / sqrt(D) in shared memory (Sylvester Hadamard, as mx.hadamard_transform for
 // powers of two): a Walsh-Hadamard butterfly, thread d of D owning coordinate d. Callers
 // write h[d] before; every thread may read all of h after.
@@ -109,228 +164,365 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 }
 """
 
-# Template constants: D head_dim, R query rows (GQA group x query tokens), L query
-# tokens, NT threads per group (>= D, a multiple of D), KB/VB key/value bits, KW/VW
-# packed words per key/value, NSEG key-mean segments counting M_0 = 0 (0: no means),
-# CAUSAL, SPLITS, VSUB (value tokens staged per round), ROT (1: D is a power of two and the group rotates the queries itself
-# with a Walsh-Hadamard butterfly; 0: q arrives rotated). Inputs: q [B*Hkv, R, D] (any
-# float type), key_signs [D] f32, means [B*Hkv, NSEG - 1, D] f16 (M_1, M_2, ...), packed
-# keys / values [B*Hkv, CAP, KW|VW] u32, norms [B*Hkv, CAP] f16, segment ids [CAP],
-# codebooks, params = {tokens held, tokens per split, capacity, scale} f32.
+# The decode kernel. A thread group takes one KV head of one sequence (bh), up to RC of
+# its R query rows (row r = g L + l: GQA head g, query token l) and one split of the
+# slots: split < SPLITS takes a range of the coded slots, split == SPLITS (WIN) the
+# float16 window. Each of its NT / 32 warps runs flash decoding on its own tokens (a
+# token per lane for the scores, DPL = D / 32 coordinates per lane for the values); the
+# warps merge at the end. Row r's query sits at slot t = slots - L + l and reads
+#   codes:  slots [pad, min(coded, bound)),  bound = max(t - W + 1, start) with a window,
+#           t + 1 if CAUSAL, else everything coded;
+#   window: slots [bound, t + 1) of the float16 buffer (which starts at slot `first`).
+# Keys of segment s are scored as Π(q∘σ_s)·(n_j c_j + M̃_s) with M̃_s = Π(μ_s/σ_s)
+# (`TurboQuantCodec`; σ = 1 without key scaling): the group rotates its queries once per
+# segment its tokens fall in (segment ids from positions, or from `segments` in a ring).
+# Template: D, R, RC, L, NT, KB/VB bits, KW/VW words, NSEG segments held (0: no
+# centering), MAXSEG, SCALED, RING, WIN, CAUSAL, ROT (1: the group rotates the queries;
+# 0: they arrive rotated, D not a power of two), HKV (KV heads), STAGE (words staged
+# in shared memory). Inputs: q [BH, R, D];
+# key_signs [D]; seg_scale / seg_mean [BH, NSEG, D] f32; packed keys / values [BH, CAP,
+# KW|VW] u32 and norms [BH, CAP] f16; segments [CAP] (ring); window_keys / values [BH,
+# slots - first, D]; codebooks; params f32 = {coded, per_split, scale, slots, first, W,
+# cap, SPLITS, then pad and start per sequence}. Outputs per (bh, split, row): the
+# unnormalised output, the running max and the sum of the softmax.
 PARTIAL_BODY = """
-  const int split = tq_group % SPLITS;
-  const int bh = tq_group / SPLITS;
-  const int T = static_cast<int>(params[0]);
+  constexpr int NW = NT / 32;
+  constexpr int DPL = D / 32;
+  constexpr int CH = DPL % 4 == 0 ? 4 : (DPL % 2 == 0 ? 2 : 1);
+  constexpr int CHUNKS = (R + RC - 1) / RC;
+  const int lane = tq_tid & 31;
+  const int warp = tq_tid >> 5;
+  const int coded = static_cast<int>(params[0]);
   const int per_split = static_cast<int>(params[1]);
-  const int cap = static_cast<int>(params[2]);
-  const float sc = params[3];
-  constexpr int RG = NT / D;
-  constexpr int RPT = (R + RG - 1) / RG;
-  constexpr int NQM = NSEG > 0 ? NSEG : 1;
-  const int d = tq_tid % D;
-  const int rg = tq_tid / D;
+  const float sc = params[2];
+  const int slots = static_cast<int>(params[3]);
+  const int first = static_cast<int>(params[4]);
+  const int window = static_cast<int>(params[5]);
+  const int cap = static_cast<int>(params[6]);
+  const int splits = static_cast<int>(params[7]);
+  const int nsplit = splits + WIN;
+  const int split = tq_group % nsplit;
+  const int chunk = (tq_group / nsplit) % CHUNKS;
+  const int bh = tq_group / (nsplit * CHUNKS);
+  const int pad = static_cast<int>(params[8 + 2 * (bh / HKV)]);
+  const int start = static_cast<int>(params[9 + 2 * (bh / HKV)]);
+  const int n_window = slots - first;
+  const int r0 = chunk * RC;
+  const bool in_window = WIN && split == splits;
 
-  TQ_SHARED float qs[R * D];
-  TQ_SHARED float qm[R * NQM];
-  TQ_SHARED float ps[R * NT];
-  TQ_SHARED float row_m[R];
-  TQ_SHARED float row_l[R];
-  TQ_SHARED float row_alpha[R];
+  TQ_SHARED float qs[RC * D];
+  TQ_SHARED float qm[RC];
   TQ_SHARED float key_cb[1 << KB];
   TQ_SHARED float value_cb[1 << VB];
-  TQ_SHARED uint32_t value_tile[VSUB * VW];
-  TQ_SHARED float value_scale[VSUB];
+  TQ_SHARED float probs[NT * RC];
+  TQ_SHARED float warp_m[NW * RC];
+  TQ_SHARED float warp_l[NW * RC];
+  // STAGE: each warp copies its 32 tokens' words here with coalesced loads first (a
+  // lane's own loads would be strided, and values are read token after token).
+  TQ_SHARED uint32_t key_stage[STAGE ? NT * (KW | 1) : 1];
+  TQ_SHARED uint32_t value_stage[STAGE ? NT * VW : 1];
   for (int i = tq_tid; i < (1 << KB); i += NT) {
     key_cb[i] = key_codebook[i];
   }
   for (int i = tq_tid; i < (1 << VB); i += NT) {
     value_cb[i] = value_codebook[i];
   }
-  // Πq = H D q / sqrt(D) (turboquant_rotation.rotate), for all R rows at once.
-  for (int i = tq_tid; i < R * D; i += NT) {
-    qs[i] = static_cast<float>(q[(size_t)bh * R * D + i]) * (ROT ? key_signs[i % D] : 1.0f);
-  }
-  TQ_SYNC();
-  if (ROT) {
-    for (int len = 1; len < D; len <<= 1) {
-      for (int i = tq_tid; i < R * D / 2; i += NT) {
-        const int p = i % (D / 2);
-        const int lo = (i / (D / 2)) * D + (p / len) * 2 * len + p % len;
-        const float a = qs[lo];
-        const float b = qs[lo + len];
-        qs[lo] = a + b;
-        qs[lo + len] = a - b;
-      }
-      TQ_SYNC();
-    }
-    for (int i = tq_tid; i < R * D; i += NT) {
-      qs[i] *= 1.0f / sqrt((float)D);
-    }
-    TQ_SYNC();
-  }
-  // q . M_s for every row and segment (M_0 = 0).
-  for (int i = tq_tid; i < R * NSEG; i += NT) {
-    const int r = i / NQM;
-    const int s = i % NQM;
-    float dot = 0.0f;
-    if (s > 0) {
-      TQ_PTR(half_t) mean = means + ((size_t)bh * (NQM - 1) + s - 1) * D;
-      for (int e = 0; e < D; e++) {
-        dot += qs[r * D + e] * static_cast<float>(mean[e]);
-      }
-    }
-    qm[i] = dot;
-  }
-  if (tq_tid < R) {
-    row_m[tq_tid] = -INFINITY;
-    row_l[tq_tid] = 0.0f;
-  }
-  float acc[RPT];
-  for (int i = 0; i < RPT; i++) {
-    acc[i] = 0.0f;
-  }
-  TQ_SYNC();
 
-  const int t_begin = split * per_split;
-  const int t_end = min(T, t_begin + per_split);
-  for (int tile = t_begin; tile < t_end; tile += NT) {
-    // 1. Scores, one token per thread.
-    const int j = tile + tq_tid;
-    if (j < t_end) {
-      // The token's words into registers first: independent loads, issued together.
-      uint32_t kw[KW + 1];
-      for (int w = 0; w < KW; w++) {
-        kw[w] = packed_keys[((size_t)bh * cap + j) * KW + w];
+  // The slots each row reads in this group's part (codes or window), and their union.
+  int lo_r[RC];
+  int hi_r[RC];
+  int lo = 1 << 30;
+  int hi = 0;
+  for (int i = 0; i < RC; i++) {
+    const int t = slots - L + (min(r0 + i, R - 1) % L);
+    const int bound = WIN ? max(t - window + 1, start) : (CAUSAL ? t + 1 : coded);
+    lo_r[i] = in_window ? bound : pad;
+    hi_r[i] = in_window ? t + 1 : min(bound, coded);
+    lo = min(lo, lo_r[i]);
+    hi = max(hi, hi_r[i]);
+  }
+  if (in_window) {
+    lo = max(lo, first);
+  } else {
+    lo = max(lo, split * per_split);
+    hi = min(hi, (split + 1) * per_split);
+  }
+
+  float m[RC];
+  float l[RC];
+  float acc[RC][DPL];
+  for (int i = 0; i < RC; i++) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;
+    for (int k = 0; k < DPL; k++) {
+      acc[i][k] = 0.0f;
+    }
+  }
+
+  // One pass per key-mean segment the group's slots hold (one for the window).
+  const bool by_segment = !in_window && NSEG > 1;
+  int s_first = 0;
+  int s_last = 0;
+  if (by_segment && RING) {
+    s_last = NSEG - 1;
+  } else if (by_segment && lo < hi) {
+    s_first = tq_segment(lo - pad, MAXSEG);
+    s_last = tq_segment(hi - 1 - pad, MAXSEG);
+  }
+  for (int s = s_first; s <= s_last; s++) {
+    const int sid = min(s, NSEG > 0 ? NSEG - 1 : 0);
+    int pass_lo = lo;
+    int pass_hi = hi;
+    if (by_segment && !RING) {
+      pass_lo = max(lo, pad + tq_segment_start(s));
+      if (s < MAXSEG) {
+        pass_hi = min(hi, pad + tq_segment_start(s + 1));
       }
-      kw[KW] = 0;
-      const float norm = static_cast<float>(key_norms[(size_t)bh * cap + j]);
-      float dots[R];
-      for (int r = 0; r < R; r++) {
-        dots[r] = 0.0f;
-      }
-      for (int e = 0; e < D; e++) {
-        const float c = key_cb[tq_code(kw, e, KB)];
-        for (int r = 0; r < R; r++) {
-          dots[r] += qs[r * D + e] * c;
+    }
+    // (a) The rows' queries as scored: Π(q∘σ_s) (signs, then a butterfly over all
+    // rows), or q itself against the float16 window.
+    TQ_SYNC();
+    for (int i = tq_tid; i < RC * D; i += NT) {
+      const int e = i % D;
+      float x = static_cast<float>(q[((size_t)bh * R + min(r0 + i / D, R - 1)) * D + e]);
+      if (!in_window) {
+        if (SCALED) {
+          x *= seg_scale[((size_t)bh * NSEG + sid) * D + e];
+        }
+        if (ROT) {
+          x *= key_signs[e];
         }
       }
-      const int s = NSEG > 0 ? static_cast<int>(segments[j]) : 0;
-      for (int r = 0; r < R; r++) {
-        float score = norm * dots[r];
-        if (NSEG > 0) {
-          score += qm[r * NQM + s];
-        }
-        score *= sc;
-        if (CAUSAL && j > T - L + (r % L)) {
-          score = -INFINITY;
-        }
-        ps[r * NT + tq_tid] = score;
-      }
-    } else {
-      for (int r = 0; r < R; r++) {
-        ps[r * NT + tq_tid] = -INFINITY;
-      }
+      qs[i] = x;
     }
     TQ_SYNC();
-    // 2. Online softmax, one query row per thread.
-    if (tq_tid < R) {
-      const float m_old = row_m[tq_tid];
-      float m_new = m_old;
-      for (int i = 0; i < NT; i++) {
-        m_new = max(m_new, ps[tq_tid * NT + i]);
+    if (ROT && !in_window) {
+      for (int len = 1; len < D; len <<= 1) {
+        for (int i = tq_tid; i < RC * D / 2; i += NT) {
+          const int p = i % (D / 2);
+          const int at = (i / (D / 2)) * D + (p / len) * 2 * len + p % len;
+          const float a = qs[at];
+          const float b = qs[at + len];
+          qs[at] = a + b;
+          qs[at + len] = a - b;
+        }
+        TQ_SYNC();
       }
-      const float alpha = m_new == -INFINITY ? 1.0f : TQ_EXP(m_old - m_new);
-      float sum = 0.0f;
-      for (int i = 0; i < NT; i++) {
-        const float x = ps[tq_tid * NT + i];
-        const float p = x == -INFINITY ? 0.0f : TQ_EXP(x - m_new);
-        ps[tq_tid * NT + i] = p;
-        sum += p;
-      }
-      row_l[tq_tid] = row_l[tq_tid] * alpha + sum;
-      row_m[tq_tid] = m_new;
-      row_alpha[tq_tid] = alpha;
-    }
-    TQ_SYNC();
-    // 3. Values, one coordinate (and row group) per thread.
-    for (int i = 0; i < RPT; i++) {
-      const int r = rg + i * RG;
-      if (r < R) {
-        acc[i] *= row_alpha[r];
-      }
-    }
-    // Values VSUB tokens at a time, staged in shared memory by coalesced loads (every
-    // thread needs every token's words: reading them from device memory one token
-    // after another would serialize on load latency).
-    const int n = min(NT, t_end - tile);
-    for (int sub = 0; sub < n; sub += VSUB) {
-      const int m = min(VSUB, n - sub);
-      const size_t slot0 = (size_t)bh * cap + tile + sub;
-      for (int i = tq_tid; i < m * VW; i += NT) {
-        value_tile[i] = packed_values[slot0 * VW + i];
-      }
-      for (int i = tq_tid; i < m; i += NT) {
-        value_scale[i] = static_cast<float>(value_norms[slot0 + i]);
+      for (int i = tq_tid; i < RC * D; i += NT) {
+        qs[i] *= 1.0f / sqrt((float)D);
       }
       TQ_SYNC();
-      for (int jj = 0; jj < m; jj++) {
-        const float v = value_scale[jj] * value_cb[tq_code(value_tile + jj * VW, d, VB)];
-        for (int i = 0; i < RPT; i++) {
-          const int r = rg + i * RG;
-          if (r < R) {
-            acc[i] += ps[r * NT + sub + jj] * v;
+    }
+    // (Π(q∘σ_s))·M̃_s, a warp per row.
+    for (int i = warp; i < RC; i += NW) {
+      float dot = 0.0f;
+      if (NSEG > 0 && !in_window) {
+        for (int e = lane; e < D; e += 32) {
+          dot += qs[i * D + e] * seg_mean[((size_t)bh * NSEG + sid) * D + e];
+        }
+      }
+      dot = tq_warp_sum(dot);
+      if (lane == 0) {
+        qm[i] = dot;
+      }
+    }
+    TQ_SYNC();
+
+    // (b) 32 tokens per warp at a time.
+    for (int base = pass_lo + warp * 32; base < pass_hi; base += NT) {
+      const int j = base + lane;
+      const int n = min(32, pass_hi - base);
+      if (STAGE && !in_window) {
+        const size_t slot0 = (size_t)bh * cap + base;
+        for (int i = lane; i < n * KW; i += 32) {
+          const int t = i / KW;
+          key_stage[(warp * 32 + t) * (KW | 1) + i - t * KW] = packed_keys[slot0 * KW + i];
+        }
+        for (int i = lane; i < n * VW; i += 32) {
+          value_stage[warp * 32 * VW + i] = packed_values[slot0 * VW + i];
+        }
+        TQ_WARP_SYNC();
+      }
+      bool live = j < pass_hi;
+      if (RING && by_segment && live) {
+        live = static_cast<int>(segments[j]) == s;
+      }
+      float dots[RC];
+      for (int i = 0; i < RC; i++) {
+        dots[i] = 0.0f;
+      }
+      float norm = 0.0f;
+      float value_scale = 0.0f;
+      if (live && in_window) {
+        auto k = window_keys + ((size_t)bh * n_window + j - first) * D;
+        for (int e = 0; e < D; e++) {
+          const float x = static_cast<float>(k[e]);
+          for (int i = 0; i < RC; i++) {
+            dots[i] += qs[i * D + e] * x;
+          }
+        }
+        norm = 1.0f;
+        value_scale = 1.0f;
+      } else if (live) {
+        // The token's words into registers (independent loads, issued together), then
+        // scores straight from the codes: n_j Σ_d (Πq)_d c[idx_jd].
+        uint32_t kw[KW + 1];
+        for (int w = 0; w < KW; w++) {
+          kw[w] = STAGE ? key_stage[tq_tid * (KW | 1) + w]
+                        : packed_keys[((size_t)bh * cap + j) * KW + w];
+        }
+        kw[KW] = 0;
+        norm = static_cast<float>(key_norms[(size_t)bh * cap + j]);
+        value_scale = static_cast<float>(value_norms[(size_t)bh * cap + j]);
+#pragma unroll
+        for (int e = 0; e < D; e++) {
+          const float c = key_cb[tq_code(kw, e, KB)];
+          for (int i = 0; i < RC; i++) {
+            dots[i] += qs[i * D + e] * c;
           }
         }
       }
-      TQ_SYNC();
+      // Online softmax of each row over the warp's 32 tokens (warp-uniform branches).
+      for (int i = 0; i < RC; i++) {
+        const bool ok = live && j >= lo_r[i] && j < hi_r[i];
+        const float x = ok ? sc * (norm * dots[i] + qm[i]) : -INFINITY;
+        const float m_new = max(m[i], tq_warp_max(x));
+        float p = 0.0f;
+        if (m_new != -INFINITY) {
+          const float alpha = TQ_EXP(m[i] - m_new);
+          p = TQ_EXP(x - m_new);
+          l[i] = l[i] * alpha + tq_warp_sum(p);
+          for (int k = 0; k < DPL; k++) {
+            acc[i][k] *= alpha;
+          }
+          m[i] = m_new;
+        }
+        probs[tq_tid * RC + i] = p * value_scale;
+      }
+      TQ_WARP_SYNC();
+      // Values: lane owns coordinates lane * DPL ...; o += p_j m_j c'[idx_jd].
+      for (int t = 0; t < n; t++) {
+        float v[DPL];
+        if (in_window) {
+          auto x = window_values + ((size_t)bh * n_window + base + t - first) * D;
+          for (int k = 0; k < DPL; k++) {
+            v[k] = static_cast<float>(x[lane * DPL + k]);
+          }
+        } else {
+          for (int k0 = 0; k0 < DPL; k0 += CH) {
+            uint32_t codes[CH];
+            if (STAGE) {
+              tq_codes<CH>(value_stage + (warp * 32 + t) * VW, lane * DPL + k0, VB, codes);
+            } else {
+              tq_codes<CH>(packed_values + ((size_t)bh * cap + base + t) * VW, lane * DPL + k0, VB, codes);
+            }
+            for (int k = 0; k < CH; k++) {
+              v[k0 + k] = value_cb[codes[k]];
+            }
+          }
+        }
+        for (int i = 0; i < RC; i++) {
+          const float p = probs[(warp * 32 + t) * RC + i];
+          for (int k = 0; k < DPL; k++) {
+            acc[i][k] += p * v[k];
+          }
+        }
+      }
+      TQ_WARP_SYNC();
     }
   }
-  const size_t base = ((size_t)bh * SPLITS + split) * R;
-  for (int i = 0; i < RPT; i++) {
-    const int r = rg + i * RG;
-    if (r < R) {
-      partial_out[(base + r) * D + d] = acc[i];
+
+  // Merge the warps: rescale each to the group's max, sum in shared memory.
+  TQ_SYNC();
+  if (lane == 0) {
+    for (int i = 0; i < RC; i++) {
+      warp_m[warp * RC + i] = m[i];
+      warp_l[warp * RC + i] = l[i];
     }
   }
-  if (tq_tid < R) {
-    partial_max[base + tq_tid] = row_m[tq_tid];
-    partial_sum[base + tq_tid] = row_l[tq_tid];
+  for (int i = tq_tid; i < RC * D; i += NT) {
+    qs[i] = 0.0f;
+  }
+  TQ_SYNC();
+  for (int w = 0; w < NW; w++) {
+    if (warp == w) {
+      for (int i = 0; i < RC; i++) {
+        float top = -INFINITY;
+        for (int u = 0; u < NW; u++) {
+          top = max(top, warp_m[u * RC + i]);
+        }
+        const float f = m[i] == -INFINITY ? 0.0f : TQ_EXP(m[i] - top);
+        for (int k = 0; k < DPL; k++) {
+          qs[i * D + lane * DPL + k] += f * acc[i][k];
+        }
+      }
+    }
+    TQ_SYNC();
+  }
+  const size_t out_base = ((size_t)bh * nsplit + split) * R;
+  for (int i = tq_tid; i < RC * D; i += NT) {
+    if (r0 + i / D < R) {
+      partial_out[(out_base + r0 + i / D) * D + i % D] = qs[i];
+    }
+  }
+  if (tq_tid < RC && r0 + tq_tid < R) {
+    float top = -INFINITY;
+    for (int u = 0; u < NW; u++) {
+      top = max(top, warp_m[u * RC + tq_tid]);
+    }
+    float sum = 0.0f;
+    for (int u = 0; u < NW; u++) {
+      const float mu = warp_m[u * RC + tq_tid];
+      sum += mu == -INFINITY ? 0.0f : TQ_EXP(mu - top) * warp_l[u * RC + tq_tid];
+    }
+    partial_max[out_base + r0 + tq_tid] = top;
+    partial_sum[out_base + r0 + tq_tid] = sum;
   }
 """
 
-# One thread group of D threads per (batch x KV head x row): merge the splits, then
-# (ROT) rotate the row back, Π⁻¹y = D H y / sqrt(D), and write it in the model's dtype.
+# One thread group of D threads per (batch x KV head x row): merge the code splits
+# (flash-decoding), rotate them back (ROT: Π⁻¹y = D H y / sqrt(D)), add the float16
+# window's split (already in the model's domain), normalise, write the model's dtype.
 MERGE_BODY = """
   const int row = tq_group;
   const int d = tq_tid;
+  const int splits = static_cast<int>(params[7]);
+  const int nsplit = splits + WIN;
   TQ_SHARED float h[D];
-  const int first = (row / R) * SPLITS * R + row % R;
-  float m = -INFINITY;
-  for (int s = 0; s < SPLITS; s++) {
-    m = max(m, partial_max[first + s * R]);
+  const int entry = ((row / R) * nsplit) * R + row % R;
+  float top = -INFINITY;
+  for (int s = 0; s < nsplit; s++) {
+    top = max(top, partial_max[entry + s * R]);
   }
   float num = 0.0f;
   float den = 0.0f;
-  for (int s = 0; s < SPLITS; s++) {
-    const int k = first + s * R;
-    const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - m);
+  for (int s = 0; s < splits; s++) {
+    const int k = entry + s * R;
+    const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - top);
     num += w * partial_out[(size_t)k * D + d];
     den += w * partial_sum[k];
   }
-  float o = num / den;
+  float o = num;
   if (ROT) {
     h[d] = o;
     tq_hadamard<D>(h, d);
     o = h[d] * value_signs[d];
   }
-  out[(size_t)row * D + d] = static_cast<out_t>(o);
+  if (WIN) {
+    const int k = entry + splits * R;
+    const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - top);
+    o += w * partial_out[(size_t)k * D + d];
+    den += w * partial_sum[k];
+  }
+  out[(size_t)row * D + d] = static_cast<out_t>(o / den);
 """
 
 # Quantize: one thread group of D threads per vector (norm, rotation, nearest centroid,
 # norm correction, pack); groups [0, NK) take keys, the NV after them values, so one
 # launch quantizes a decode step's keys and values. Template: D (a power of two),
-# KBITS/VBITS, KW/VW packed words, NK, HAS_MEAN, PER_MEAN (keys sharing one mean).
-# Inputs: keys [NK, D], values [NV, D], mean [NK / PER_MEAN, D] f32, signs [D] f32 and
+# KBITS/VBITS, KW/VW packed words, NK, HAS_MEAN, HAS_SCALE, PER_MEAN (keys sharing one
+# mean). Keys are coded as k * scale - mean (key scaling: scale = 1/σ, mean = μ/σ).
+# Inputs: keys [NK, D], values [NV, D], mean and scale [NK / PER_MEAN, D] f32, signs [D] f32 and
 # codebooks [2^bits] f32 per kind. Outputs: packed [N, W] u32 and norms [N] f16 per kind.
 QUANTIZE_BODY = """
   const bool is_key = tq_group < NK;
@@ -343,7 +535,11 @@ QUANTIZE_BODY = """
   TQ_SHARED float h[D];
   TQ_SHARED float red[D];
   TQ_SHARED uint32_t codes[D];
-  float v = static_cast<float>(is_key ? keys[(size_t)n * D + d] : values[(size_t)n * D + d]);
+  float v = is_key ? static_cast<float>(keys[(size_t)n * D + d])
+                   : static_cast<float>(values[(size_t)n * D + d]);
+  if (HAS_SCALE && is_key) {
+    v *= scale[(size_t)(n / PER_MEAN) * D + d];
+  }
   if (HAS_MEAN && is_key) {
     v -= mean[(size_t)(n / PER_MEAN) * D + d];
   }
@@ -405,23 +601,27 @@ QUANTIZE_BODY = """
 PARTIAL_INPUTS = [
     "q",
     "key_signs",
-    "means",
+    "seg_scale",
+    "seg_mean",
     "packed_keys",
     "key_norms",
     "packed_values",
     "value_norms",
     "segments",
+    "window_keys",
+    "window_values",
     "key_codebook",
     "value_codebook",
     "params",
 ]
 PARTIAL_OUTPUTS = ["partial_out", "partial_max", "partial_sum"]
-MERGE_INPUTS = ["partial_out", "partial_max", "partial_sum", "value_signs"]
+MERGE_INPUTS = ["partial_out", "partial_max", "partial_sum", "value_signs", "params"]
 
 QUANTIZE_INPUTS = [
     "keys",
     "values",
     "mean",
+    "scale",
     "key_signs",
     "value_signs",
     "key_codebook",
@@ -459,10 +659,19 @@ def fused_backend() -> Optional[str]:
     return None
 
 
+# How each backend builds a kernel from its sources: "emulate" (tests only) runs the
+# CUDA source on the CPU (tests/kernel_emulator.py registers it here).
+KERNEL_MAKERS = {
+    "cuda": ("cuda", lambda: mx.fast.cuda_kernel),
+    "metal": ("metal", lambda: mx.fast.metal_kernel),
+}
+
+
 @lru_cache(maxsize=None)
 def _kernels(backend: str):
-    header, partial, merge, quantize = kernel_sources(backend)
-    make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
+    flavour, maker = KERNEL_MAKERS[backend]
+    header, partial, merge, quantize = kernel_sources(flavour)
+    make = maker()
     return (
         make(
             name="turboquant_decode_partial",
@@ -508,9 +717,10 @@ def fused_quantize(
     value_codebook=None,
     value_bits: int = 0,
     backend: str = "cuda",
+    scale: Optional[mx.array] = None,
 ):
-    """turboquant_quantize of keys [B, H, S, D] (minus `mean` [B, H, 1, D] if given) and,
-    if given, of values [B, H, S', D], in one launch. Returns (packed keys, key norms)
+    """turboquant_quantize of keys [B, H, S, D] (times `scale`, minus `mean`, each
+    [B, H, 1, D], if given) and, if given, of values [B, H, S', D], in one launch. Returns (packed keys, key norms)
     or (packed keys, key norms, packed values, value norms); norms float16 [B, H, S]."""
     B, H, S, D = keys.shape
     kw = (D * key_bits + 31) // 32
@@ -518,11 +728,14 @@ def fused_quantize(
     nv = 0 if values is None else values.size // D
     vw = (D * value_bits + 31) // 32 if values is not None else 1
     f32 = mx.float32
+    # Inputs and outputs keep their [B, H, S, ...] shapes: the kernel indexes them flat.
+    value_shape = (1,) if values is None else values.shape[:3]
     outputs = _kernels(backend)[2](
         inputs=[
-            keys.reshape(nk, D),
-            _zeros(D, keys.dtype) if values is None else values.reshape(nv, D),
+            keys,
+            _zeros(D, keys.dtype) if values is None else values,
             _zeros(1, f32) if mean is None else mean.astype(f32),
+            _zeros(1, f32) if scale is None else scale.astype(f32),
             key_signs,
             _zeros(D, f32) if value_signs is None else value_signs,
             key_codebook,
@@ -536,44 +749,83 @@ def fused_quantize(
             ("VW", vw),
             ("NK", nk),
             ("HAS_MEAN", int(mean is not None)),
+            ("HAS_SCALE", int(scale is not None)),
             ("PER_MEAN", S),
         ],
         grid=((nk + nv) * D, 1, 1),
         threadgroup=(D, 1, 1),
-        output_shapes=[(nk, kw), (nk,), (max(nv, 1), vw), (max(nv, 1),)],
+        output_shapes=[(B, H, S, kw), (B, H, S), (*value_shape, vw), value_shape],
         output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
     )
-    pk, kn = outputs[0].reshape(B, H, S, kw), outputs[1].reshape(B, H, S)
-    if values is None:
-        return pk, kn
-    shape = values.shape[:3]
-    return pk, kn, outputs[2].reshape(*shape, vw), outputs[3].reshape(shape)
+    return outputs[:2] if values is None else outputs
 
 
-def threads_per_group(head_dim: int) -> int:
-    return max(128, head_dim)
+class KernelView(NamedTuple):
+    """What the decode kernel reads of a cache (`kernel_view()` of each TurboQuant
+    cache): whole buffers, no copies. Codes sit in slots [0, coded) of packed keys /
+    values [B, n_kv_heads, cap, words] and norms [B, n_kv_heads, cap(, 1)] float16;
+    `segments` holds a ring's segment id per slot (None: from positions); the float16
+    window (None without one) holds slots [first, slots); `rows` gives each sequence's
+    (padding slots, first window slot it reads)."""
+
+    packed_keys: mx.array
+    key_norms: mx.array
+    packed_values: mx.array
+    value_norms: mx.array
+    segments: Optional[mx.array]
+    coded: int
+    slots: int
+    first: int
+    window_keys: Optional[mx.array]
+    window_values: Optional[mx.array]
+    rows: Tuple[Tuple[int, int], ...]
+
+
+@lru_cache(maxsize=None)
+def _rows_per_group(rows: int, head_dim: int) -> int:
+    """Query rows one thread group takes: each lane keeps rows x head_dim / 32
+    accumulators in registers, at most MAX_ACCUMULATORS."""
+    return max(1, min(rows, MAX_ACCUMULATORS // (head_dim // 32)))
+
+
+@lru_cache(maxsize=None)
+def _shared_bytes(rows: int, head_dim: int, key_bits: int, value_bits: int, stage: bool) -> int:
+    """Shared memory of a thread group: queries, probabilities, codebooks, per-warp
+    maxima and sums, and (`stage`) the warps' staged key and value words."""
+    kw, vw = packed_words(head_dim, key_bits), packed_words(head_dim, value_bits)
+    floats = rows * (head_dim + 1 + THREADS + 2 * (THREADS // 32)) + 2**key_bits + 2**value_bits
+    return 4 * (floats + (THREADS * ((kw | 1) + vw) if stage else 0))
+
+
+@lru_cache(maxsize=None)
+def _stages(rows: int, head_dim: int, key_bits: int, value_bits: int) -> bool:
+    """Whether warps stage their tokens' words in shared memory: short codes, and room."""
+    short = max(packed_words(head_dim, key_bits), packed_words(head_dim, value_bits)) <= 16
+    fits = _shared_bytes(rows, head_dim, key_bits, value_bits, True) <= SHARED_BYTES
+    return short and fits
 
 
 def supports(queries: mx.array, cache, mask) -> bool:
     """Whether the fused decode kernel handles this call (else: the reference path)."""
-    if getattr(cache, "is_batch", False):
-        return False  # left-padded batch caches (per-row segments) use the reference
     B, n_q_heads, L, D = queries.shape
     if L > MAX_QUERY_TOKENS or cache.head_dim != D or D % 32:
         return False
-    # Key scaling and a float16 window change the attention math: reference path.
-    if getattr(cache, "key_scales", None) is not None or getattr(cache, "fp16_window", 0):
+    if (cache.keys if cache.is_ring() else cache.packed_keys) is None:
+        return False  # nothing coded yet: all in the float16 window
+    if cache.key_scales is not None and not _rotates_inside(D):
+        return False  # σ_s applies before the rotation: only the kernel can rotate
+    if getattr(cache, "is_batch", False):
+        # The model's mask is the batch's own (padding and causal), which the kernel
+        # applies from the rows' padding.
+        ok_mask = mask is None or isinstance(mask, (str, mx.array))
+    elif cache.is_ring():
+        ok_mask = mask is None
+    else:
+        ok_mask = mask is None or (isinstance(mask, str) and mask == "causal")
+    if not ok_mask:
         return False
-    rows = n_q_heads // cache.n_kv_heads * L
-    nt = threads_per_group(D)
-    value_words = (D * cache.value_bits + 31) // 32
-    shared = rows * (D + nt + 12) + VALUE_SUBTILE * (value_words + 1)
-    shared += 2**cache.key_bits + 2**cache.value_bits
-    if rows > MAX_ROWS or 4 * shared > SHARED_BYTES:
-        return False
-    if mask is None:
-        return True
-    return isinstance(mask, str) and mask == "causal" and not cache.is_ring()
+    rows = _rows_per_group(n_q_heads // cache.n_kv_heads * L, D)
+    return _shared_bytes(rows, D, cache.key_bits, cache.value_bits, False) <= SHARED_BYTES
 
 
 def _rotates_inside(head_dim: int) -> bool:
@@ -582,78 +834,116 @@ def _rotates_inside(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0
 
 
-def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
-    """softmax(scale q Kᵀ + mask) V over the packed cache, for up to 8 query tokens."""
-    B, n_q_heads, L, D = queries.shape
-    buffers = cache.kernel_buffers()
-    packed_keys, key_norms, packed_values, value_norms, segments, tokens = buffers
-    n_kv = packed_keys.shape[1]
-    cap = packed_keys.shape[2]
-    group = n_q_heads // n_kv
-    rows = group * L
-    rot = _rotates_inside(D)
-    q = queries if rot else rotate(queries, cache.key_signs)
-    q = q.reshape(B * n_kv, rows, D)
-    means = cache.key_means
-    nseg = 0 if means is None else means.shape[2] + 1
-    groups = B * n_kv
-    splits = max(1, min(math.ceil(tokens / MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // groups))
-    per_split = math.ceil(tokens / splits)
-    nt = threads_per_group(D)
-    # Small integers and the scale are exact in float32: one parameter array per step.
-    params = mx.array([tokens, per_split, cap, scale], dtype=mx.float32)
-    partial, merge, _ = _kernels(backend)
-    template = [
+_PARAMS = {}
+
+
+def _params(values: tuple) -> mx.array:
+    """The kernels' small integers and scale (exact in float32) as one array, made once
+    per step and shared by every layer that asks for the same values."""
+    if values not in _PARAMS:
+        if len(_PARAMS) > 64:
+            _PARAMS.clear()
+        _PARAMS[values] = mx.array(values, dtype=mx.float32)
+    return _PARAMS[values]
+
+
+@lru_cache(maxsize=None)
+def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, nseg, max_segment, flags):
+    """The partial and merge kernels' template constants for one kind of call (built once:
+    a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal)."""
+    rows = n_q_heads // n_kv * L
+    per_group = _rows_per_group(rows, D)
+    rot = int(_rotates_inside(D))
+    scaled, ring, win, causal = flags
+    partial = [
         ("D", D),
         ("R", rows),
+        ("RC", per_group),
         ("L", L),
-        ("NT", nt),
-        ("KB", cache.key_bits),
-        ("VB", cache.value_bits),
-        ("KW", packed_keys.shape[-1]),
-        ("VW", packed_values.shape[-1]),
+        ("NT", THREADS),
+        ("KB", key_bits),
+        ("VB", value_bits),
+        ("KW", kw),
+        ("VW", vw),
         ("NSEG", nseg),
-        ("CAUSAL", int(mask is not None and L > 1)),
-        ("SPLITS", splits),
-        ("VSUB", VALUE_SUBTILE),
-        ("ROT", int(rot)),
+        ("MAXSEG", max_segment),
+        ("SCALED", scaled),
+        ("RING", ring),
+        ("WIN", win),
+        ("CAUSAL", causal),
+        ("ROT", rot),
+        ("HKV", n_kv),
+        ("STAGE", int(_stages(per_group, D, key_bits, value_bits))),
     ]
+    merge = [("D", D), ("R", rows), ("WIN", win), ("ROT", rot)]
+    return partial, merge, -(-rows // per_group)
+
+
+def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
+    """softmax(scale q Kᵀ + mask) V over the packed cache (and its float16 window), for
+    up to 8 query tokens: the partial kernel over splits of the slots, then the merge.
+    Queries and output keep their [B, n_q_heads, L, D] shape: with GQA heads grouped per
+    KV head, that is the kernels' [B x n_kv, rows, D] layout, row r = g L + l."""
+    B, n_q_heads, L, D = queries.shape
+    view = cache.kernel_view()
+    _, n_kv, cap, kw = view.packed_keys.shape
+    rows = n_q_heads // n_kv * L
+    rot = _rotates_inside(D)
+    q = queries if rot else rotate(queries, cache.key_signs)
+    window_keys, window_values = view.window_keys, view.window_values
+    win = window_keys is not None
+    if win and not rot:  # the window's part is scored in the rotated domain too
+        window_keys = rotate(window_keys, cache.key_signs)
+        window_values = rotate(window_values, cache.value_signs)
+    seg_scale, seg_mean = cache.kernel_segment_stats()
+    flags = (int(seg_scale is not None), int(view.segments is not None), int(win))
+    flags += (int(mask is not None and L > 1),)
+    nseg = 0 if seg_mean is None else seg_mean.shape[2]
+    key_bits, value_bits = cache.key_bits, cache.value_bits
+    vw = view.packed_values.shape[-1]
+    partial_template, merge_template, chunks = _decode_plan(
+        D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, nseg, cache.max_segment, flags
+    )
+    groups = B * n_kv
+    splits = max(1, min(-(-view.coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * chunks)))
+    per_split = max(1, -(-view.coded // splits))
+    window = cache.fp16_window if win else 0
+    head = (view.coded, per_split, scale, view.slots, view.first, window, cap, splits)
+    params = _params(head + sum(view.rows, ()))
+    partial, merge, _ = _kernels(backend)
+    nsplit = splits + int(win)
     out, m, s = partial(
         inputs=[
             q,
             cache.key_signs,
-            _zeros(1, mx.float16) if means is None else means,
-            packed_keys,
-            key_norms,
-            packed_values,
-            value_norms,
-            segments,
+            _zeros(1, mx.float32) if seg_scale is None else seg_scale,
+            _zeros(1, mx.float32) if seg_mean is None else seg_mean,
+            view.packed_keys,
+            view.key_norms,
+            view.packed_values,
+            view.value_norms,
+            _zeros(1, mx.uint8) if view.segments is None else view.segments,
+            _zeros(1, mx.float16) if window_keys is None else window_keys,
+            _zeros(1, mx.float16) if window_values is None else window_values,
             cache.key_centroids,
             cache.value_centroids,
             params,
         ],
-        template=template,
-        grid=(groups * splits * nt, 1, 1),
-        threadgroup=(nt, 1, 1),
-        output_shapes=[(groups, splits, rows, D), (groups, splits, rows), (groups, splits, rows)],
+        template=partial_template,
+        grid=(groups * chunks * nsplit * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(groups, nsplit, rows, D), (groups, nsplit, rows), (groups, nsplit, rows)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
     out_dtype = queries.dtype if rot else mx.float32
     (o,) = merge(
-        inputs=[out, m, s, cache.value_signs],
-        template=[
-            ("D", D),
-            ("R", rows),
-            ("SPLITS", splits),
-            ("ROT", int(rot)),
-            ("out_t", out_dtype),
-        ],
+        inputs=[out, m, s, cache.value_signs, params],
+        template=merge_template + [("out_t", out_dtype)],
         grid=(groups * rows * D, 1, 1),
         threadgroup=(D, 1, 1),
-        output_shapes=[(groups * rows, D)],
+        output_shapes=[queries.shape],
         output_dtypes=[out_dtype],
     )
-    o = o.reshape(B, n_q_heads, L, D)
     if rot:
         return o
     return inverse_rotate(o, cache.value_signs).astype(queries.dtype)
