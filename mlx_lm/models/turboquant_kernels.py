@@ -1,26 +1,30 @@
 """Fused TurboQuant decode attention: one kernel reads the packed cache directly.
 
-For each (batch, KV head, split of the context) a thread group
+For each (batch, KV head, block of query rows, split of the context) a thread group
 
-1. rotates the queries of the head's GQA group (Πq: signs, then a Walsh-Hadamard
-   butterfly in shared memory) and takes q·M_s for every key-mean segment;
-2. scores a tile of tokens straight from the packed key codes:
-   s_j = scale (n_j Σ_d (Πq)_d c[idx_jd] + q·M_s(j)), one token per thread;
-3. updates the online softmax of every query row (running max and sum);
-4. accumulates the values in the rotated domain, one coordinate per thread, from the
-   packed value codes: o += p_j m_j c'[idx_jd].
+1. rotates its query rows once per key-mean segment s its tokens fall in, as Π(q∘σ_s)
+   (signs, then a Walsh-Hadamard butterfly in shared memory; σ = 1 without key
+   scaling), and takes their dot products with M̃_s = Π(μ_s/σ_s);
+2. lets each of its warps run flash decoding on 32 tokens at a time: scores straight
+   from the packed key codes, one token per lane,
+   s_j = scale (n_j Σ_d (Π(q∘σ_s))_d c[idx_jd] + Π(q∘σ_s)·M̃_s),
+   the online softmax of every query row (warp shuffles), and the values in the
+   rotated domain from the packed value codes, a few coordinates per lane:
+   o += p_j m_j c'[idx_jd];
+3. merges its warps. One more split reads the float16 window (FP16 keys and values).
 
-A second small kernel merges the splits (flash-decoding) and rotates each output row
-back (Π⁻¹, the same butterfly), writing the model's dtype. Nothing is dequantized into
-memory: per token the kernel reads the packed words and two float16 norms (at d = 128
-and 3 bits, 100 bytes instead of FP16's 512). A decode step is two launches for the
-attention and one (`fused_quantize`) for the new token's keys and values: on a GPU at
-batch 1 the step is bound by launches, not by bytes, so every op saved counts.
+A second small kernel merges the splits (flash-decoding), rotates the codes' part back
+(Π⁻¹, the same butterfly), adds the window's part and writes the model's dtype. Nothing
+is dequantized into memory: per token the kernel reads the packed words and two float16
+norms (at d = 128 and 3 bits, 100 bytes instead of FP16's 512). A decode step is two
+launches for the attention and one (`fused_quantize`) for the keys and values to code:
+on a GPU at batch 1 the step is bound by launches, not by bytes, so every op saved counts.
 
 The kernel body is written once; `CUDA_PRELUDE` / `METAL_PRELUDE` map its few backend
-words (thread ids, shared memory, barriers, pointers) to CUDA (`mx.fast.cuda_kernel`)
-and Metal (`mx.fast.metal_kernel`). The pure-MLX attention in `turboquant_attention.py`
-is the reference; set MLX_LM_TURBO_REFERENCE=1 to force it.
+words (thread ids, shared memory, barriers, warp shuffles, pointers) to CUDA
+(`mx.fast.cuda_kernel`) and Metal (`mx.fast.metal_kernel`). The pure-MLX attention in
+`turboquant_attention.py` is the reference; set MLX_LM_TURBO_REFERENCE=1 to force it.
+Tests run the CUDA source on the CPU too (`tests/kernel_emulator.py`).
 """
 
 import math
