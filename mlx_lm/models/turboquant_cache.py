@@ -357,7 +357,7 @@ class TurboQuantCodec:
             end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
             if s == self.segments_held:
                 self._add_key_mean(s, first, pieces)
-            x = keys[:, :, start - first : end - first]
+            x = keys if end - start == S else keys[:, :, start - first : end - first]
             if backend is None:
                 mean = self._original_key_mean(s) if s > 0 else None
                 scale = self._key_scale(s) if s > 0 and self.key_scales is not None else None
@@ -674,7 +674,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             first=self.recent_start if window else self.offset,
             window_keys=self.recent_keys if window else None,
             window_values=self.recent_values if window else None,
-            rows=((0, self.recent_start),) * B,
+            rows=(0, self.recent_start) * B,
         )
 
     # ---- the cache interface ----
@@ -832,7 +832,7 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
         (pk, kn, segments), (pv, vn) = self.keys, self.values
         filled = min(self.offset, pk.shape[2])
         return KernelView(
-            pk, kn, pv, vn, segments, filled, filled, filled, None, None, ((0, 0),) * pk.shape[0]
+            pk, kn, pv, vn, segments, filled, filled, filled, None, None, (0, 0) * pk.shape[0]
         )
 
     def rotated_keys_values(self, dtype=mx.float32):
@@ -1524,7 +1524,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
             first=first,
             window_keys=self.recent_keys,
             window_values=self.recent_values,
-            rows=tuple((p, p + r) for p, r in zip(self._pad, self.recent_start_by)),
+            rows=tuple(x for p, r in zip(self._pad, self.recent_start_by) for x in (p, p + r)),
         )
 
     # ---- the cache interface ----

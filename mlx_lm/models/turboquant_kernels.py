@@ -770,7 +770,7 @@ class KernelView(NamedTuple):
     values [B, n_kv_heads, cap, words] and norms [B, n_kv_heads, cap(, 1)] float16;
     `segments` holds a ring's segment id per slot (None: from positions); the float16
     window (None without one) holds slots [first, slots); `rows` gives each sequence's
-    (padding slots, first window slot it reads)."""
+    padding slots and first window slot it reads, flat: (pad_0, start_0, pad_1, ...)."""
 
     packed_keys: mx.array
     key_norms: mx.array
@@ -782,7 +782,7 @@ class KernelView(NamedTuple):
     first: int
     window_keys: Optional[mx.array]
     window_values: Optional[mx.array]
-    rows: Tuple[Tuple[int, int], ...]
+    rows: Tuple[int, ...]
 
 
 @lru_cache(maxsize=None)
@@ -913,7 +913,7 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     per_split = max(1, -(-view.coded // splits))
     window = cache.fp16_window if win else 0
     head = (view.coded, per_split, scale, view.slots, view.first, window, cap, splits)
-    params = _params(head + sum(view.rows, ()))
+    params = _params(head + view.rows)
     partial, merge, _ = _kernels(backend)
     nsplit = splits + int(win)
     out, m, s = partial(
