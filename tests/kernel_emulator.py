@@ -62,7 +62,7 @@ struct TqBarrier {
       cv.notify_all();
       return;
     }
-    if (!cv.wait_for(lock, std::chrono::seconds(20), [&] { return phase != my_phase || tq_deadlock; })) {
+    if (!cv.wait_for(lock, std::chrono::seconds(TQ_BARRIER_TIMEOUT_S), [&] { return phase != my_phase || tq_deadlock; })) {
       tq_deadlock = true;
       cv.notify_all();
     }
@@ -101,6 +101,8 @@ C_TYPES = {
 }
 
 _LIBRARIES = {}
+# Seconds a barrier waits for the rest of its threads before the run is called stuck.
+BARRIER_TIMEOUT_S = 20
 
 
 def _compile(source: str) -> ctypes.CDLL:
@@ -148,7 +150,7 @@ def emulated_kernel(name, input_names, output_names, source, header=""):
         casts = [f"({t}*)a[{i}]" for i, t in enumerate(in_types + out_types)]
         threads = threadgroup[0]
         groups = grid[0] // threads
-        unit = SHIM + header + f"""
+        unit = f"#define TQ_BARRIER_TIMEOUT_S {BARRIER_TIMEOUT_S}\n" + SHIM + header + f"""
 static void kernel({', '.join(args)}) {{
 {chr(10).join(consts)}
 {source}

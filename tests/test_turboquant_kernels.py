@@ -324,6 +324,43 @@ if pytest is not None:
     def test_emulated_quantize_matches_reference(emulated):
         _check_quantize(64, 3, True, emulated, tokens=6, with_scale=True)
 
+    def test_emulated_fused_quantize_through_the_caches(emulated, monkeypatch):
+        """The caches' GPU coding path (one fused launch, 1/σ and μ/σ kept per segment)
+        against their CPU path, for a single cache and a batch cache with key scaling
+        and a window: the same codes and norms."""
+        from mlx_lm.models import turboquant_cache
+
+        def fill(fused):
+            monkeypatch.setattr(
+                turboquant_cache, "fused_backend", lambda: emulated if fused else None
+            )
+            single = filled_cache(1, 1, 150, 64, 3, scaling=True, window=16, chunks=2)
+            batch = batch_cache([150, 60], 1, 64, 3, True, 16, steps=2)
+            return [x for c in (single, batch) for x in c._buffers()]
+
+        for fused, ref in zip(fill(True), fill(False)):
+            if fused.dtype == mx.uint32:
+                assert float(mx.mean(fused == ref)) > 0.99
+            else:
+                np.testing.assert_allclose(np.array(fused), np.array(ref), rtol=2e-3)
+
+    def test_emulator_reports_a_barrier_that_only_some_threads_reach(emulated, monkeypatch):
+        import kernel_emulator
+
+        monkeypatch.setattr(kernel_emulator, "BARRIER_TIMEOUT_S", 1)
+        kernel = kernel_emulator.emulated_kernel(
+            "stuck", ["x"], ["y"], "if (threadIdx.x == 0) { __syncthreads(); }\ny[0] = x[0];\n"
+        )
+        with pytest.raises(AssertionError, match="non-uniform branch"):
+            kernel(
+                inputs=[mx.zeros((1,))],
+                template=[],
+                grid=(64, 1, 1),
+                threadgroup=(64, 1, 1),
+                output_shapes=[(1,)],
+                output_dtypes=[mx.float32],
+            )
+
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the
         float16 window differs from the reference."""

@@ -301,27 +301,49 @@ class TurboQuantCodec:
         if self.key_scaling:
             self.key_scales = scale if s == 1 else mx.concatenate([self.key_scales, scale], axis=2)
 
-    def _fused_centering(self, s: int):
-        """(1/σ_s or None, μ_s/σ_s or None) float32 [B, n_kv_heads, 1, head_dim]: the
-        fused quantizer codes keys of segment s as k/σ_s - μ_s/σ_s. Made once per
-        segment, not per decode step."""
-        if s == 0:
-            return None, None
-
-        def make():
-            mean = self._original_key_mean(s)
-            if self.key_scales is None:
-                return None, mean
-            scale = self._key_scale(s)
-            return 1.0 / scale, mean / scale
-
-        return self._derived(("fused", s), make)
+    def _code(self, keys, values, mean, scale, backend, stats_key):
+        """Codes of keys centered by μ = `mean` and scaled by σ = `scale` (each float32
+        [B, n_kv_heads, 1, head_dim] or None), coded as k/σ - μ/σ, and, if given, of
+        `values`: (packed keys, key norms[, packed values, value norms]), norms float16.
+        On a GPU (`backend`) one fused launch, with (1/σ, μ/σ) made once and kept under
+        `stats_key` until the means change; elsewhere the compiled reference quantizers.
+        Shared by the single and the batch caches."""
+        if backend is not None:
+            inv_scale = None
+            if scale is not None:
+                inv_scale, mean = self._derived(stats_key, lambda: (1.0 / scale, mean / scale))
+            return fused_quantize(
+                keys,
+                mean,
+                values,
+                self.key_signs,
+                self.key_centroids,
+                self.key_bits,
+                self.value_signs,
+                self.value_centroids,
+                self.value_bits,
+                backend,
+                scale=inv_scale,
+            )
+        x = keys
+        if scale is not None:  # (x - μ) / σ = x / σ - μ / σ
+            x, mean = x.astype(mx.float32) / scale, mean / scale
+        if mean is not None:
+            x = x.astype(mx.float32) - mean
+        pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
+        coded = (pk, kn.astype(mx.float16))
+        if values is not None:
+            pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
+            coded += (pv, vn.astype(mx.float16))
+        return coded
 
     def _key_scale(self, s: int) -> mx.array:
         """σ_s [B, n_kv_heads, 1, head_dim] float32 (original domain; σ_0 = 1)."""
         if s == 0 or self.key_scales is None:
             return mx.array(1.0)
-        return self.key_scales[:, :, s - 1 : s].astype(mx.float32)
+        return self._derived(
+            ("scale", s), lambda: self.key_scales[:, :, s - 1 : s].astype(mx.float32)
+        )
 
     def _key_mean(self, s: int) -> mx.array:
         """M_s [B, n_kv_heads, 1, head_dim] float32 (rotated domain)."""
@@ -358,33 +380,14 @@ class TurboQuantCodec:
             if s == self.segments_held:
                 self._add_key_mean(s, first, pieces)
             x = keys if end - start == S else keys[:, :, start - first : end - first]
-            if backend is None:
-                mean = self._original_key_mean(s) if s > 0 else None
-                scale = self._key_scale(s) if s > 0 and self.key_scales is not None else None
-                if scale is not None:  # (x - μ) / σ = x / σ - μ / σ
-                    x, mean = x.astype(mx.float32) / scale, mean / scale
-                if mean is not None:
-                    x = x.astype(mx.float32) - mean
-                pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
-                kn = kn.astype(mx.float16)
-            else:  # one launch instead of a chain of small kernels
-                with_values = values if coded_values is None else None
-                inv_scale, mean = self._fused_centering(s)
-                out = fused_quantize(
-                    x,
-                    mean,
-                    with_values,
-                    self.key_signs,
-                    self.key_centroids,
-                    self.key_bits,
-                    self.value_signs,
-                    self.value_centroids,
-                    self.value_bits,
-                    backend,
-                    scale=inv_scale,
-                )
-                pk, kn = out[:2]
-                coded_values = out[2:] if with_values is not None else coded_values
+            mean = self._original_key_mean(s) if s > 0 else None
+            scale = self._key_scale(s) if s > 0 and self.key_scales is not None else None
+            # On a GPU the first piece's launch codes all values too.
+            with_values = values if backend is not None and coded_values is None else None
+            out = self._code(x, with_values, mean, scale, backend, ("fused", s))
+            pk, kn = out[:2]
+            if with_values is not None:
+                coded_values = out[2:]
             pieces.append((start, pk, kn))
             start = end
         if coded_values is None:
@@ -1398,33 +1401,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
             if self.key_scales is not None:
                 scale = self._derived(("scale", tuple(segs)), lambda: self._row_columns(segs, True))
         backend = fused_backend() if quantize_supported(d) else None
-        if backend is not None:  # keys and values in one launch: k/σ - μ/σ in the kernel
-            inv_scale = None
-            if scale is not None:
-                inv_scale, mean = self._derived(
-                    ("fused", tuple(segs)), lambda: (1.0 / scale, mean / scale)
-                )
-            return fused_quantize(
-                keys,
-                mean,
-                values,
-                self.key_signs,
-                self.key_centroids,
-                self.key_bits,
-                self.value_signs,
-                self.value_centroids,
-                self.value_bits,
-                backend,
-                scale=inv_scale,
-            )
-        x = keys
-        if scale is not None:  # (x - μ) / σ = x / σ - μ / σ, σ = 1 in segment 0
-            x, mean = x.astype(mx.float32) / scale, mean / scale
-        if mean is not None:
-            x = x.astype(mx.float32) - mean
-        pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
-        pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
-        return pk, kn, pv, vn
+        return self._code(keys, values, mean, scale, backend, ("fused", tuple(segs)))
 
     def _row_columns(self, segs: List[int], scales: bool) -> mx.array:
         """Per row, μ (Πᵀ M, 0 in segment 0) or σ (1 in segment 0) of its segment

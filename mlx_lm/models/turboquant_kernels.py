@@ -27,7 +27,6 @@ words (thread ids, shared memory, barriers, warp shuffles, pointers) to CUDA
 Tests run the CUDA source on the CPU too (`tests/kernel_emulator.py`).
 """
 
-import math
 import os
 from functools import lru_cache
 from typing import NamedTuple, Optional, Tuple
