@@ -32,6 +32,19 @@ def per_call_us(f, calls: int, rounds: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def build_us(f, calls: int, rounds: int) -> float:
+    """Host time to build one call's graph (nothing evaluated while timing): on a GPU at
+    batch 1 a decode step is bound by this and the launches, not by the kernels."""
+    times = []
+    for _ in range(rounds):
+        mx.synchronize()
+        tic = time.perf_counter()
+        outs = [f() for _ in range(calls)]
+        times.append((time.perf_counter() - tic) / calls)
+        mx.eval(outs)
+    return statistics.median(times) * 1e6
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
@@ -59,8 +72,9 @@ def main():
         f"scaling {'off' if args.no_key_scaling else 'on'}); µs per call ({args.calls} calls "
         f"evaluated together, median of {args.rounds}).",
         "",
-        "| context | fp16 attention | tq attention | tq/fp16 | fp16 update | tq update |",
-        "|---|---|---|---|---|---|",
+        "| context | fp16 attention | tq attention | tq/fp16 | fp16 update | tq update "
+        "| fp16 build | tq build |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for context in args.contexts:
         fp16 = KVCache()
@@ -87,22 +101,22 @@ def main():
 
             return f
 
-        row = [
-            per_call_us(
-                lambda: scaled_dot_product_attention(q, keys, values, fp16, scale, None),
-                args.calls,
-                args.rounds,
-            ),
-            per_call_us(
-                lambda: scaled_dot_product_attention(q, None, None, tq, scale, None),
-                args.calls,
-                args.rounds,
-            ),
-        ]
+        def attend_fp16():
+            return scaled_dot_product_attention(q, keys, values, fp16, scale, None)
+
+        def attend_tq():
+            return scaled_dot_product_attention(q, None, None, tq, scale, None)
+
+        row = [per_call_us(f, args.calls, args.rounds) for f in (attend_fp16, attend_tq)]
         row += [per_call_us(update(c), args.calls, args.rounds) for c in (fp16, tq)]
+        # Graph building of a layer's step: the update, then the attention.
+        row += [
+            build_us(lambda c=c, a=a: (update(c)(), a()), args.calls, args.rounds)
+            for c, a in ((fp16, attend_fp16), (tq, attend_tq))
+        ]
         lines.append(
             f"| {context} | {row[0]:.1f} | {row[1]:.1f} | {row[1] / row[0]:.2f}x | "
-            f"{row[2]:.1f} | {row[3]:.1f} |"
+            f"{row[2]:.1f} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} |"
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines)

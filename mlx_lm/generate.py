@@ -704,8 +704,8 @@ def add_kv_args(parser: argparse.ArgumentParser):
         "--turbo-fp16-window",
         type=_non_negative_int,
         default=None,
-        help="Keep the most recent N tokens' keys and values in FP16 and compress each "
-        "token as it slides out (KIVI-style; default 64, 0 turns it off).",
+        help="Keep the newest N to 2N tokens' keys and values in FP16, coding all but the "
+        "newest N once more than 2N are uncoded (KIVI-style; default 64, 0 turns it off).",
     )
 
 

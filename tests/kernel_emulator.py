@@ -89,6 +89,7 @@ inline int max(int a, int b) { return std::max(a, b); }
 inline int min(int a, int b) { return std::min(a, b); }
 using std::sqrt;
 typedef _Float16 __half;
+typedef float __nv_bfloat16;  // bfloat16 arrays arrive as float32 (C_TYPES)
 """
 
 C_TYPES = {
@@ -131,7 +132,7 @@ def _compile(source: str) -> ctypes.CDLL:
 def emulated_kernel(name, input_names, output_names, source, header=""):
     """What `mx.fast.cuda_kernel(...)` returns, run on the CPU."""
 
-    def call(inputs, template, grid, threadgroup, output_shapes, output_dtypes, **_):
+    def call(inputs, grid, threadgroup, output_shapes, output_dtypes, template=(), **_):
         arrays = [
             np.ascontiguousarray(np.array(x.astype(mx.float32) if x.dtype == mx.bfloat16 else x))
             for x in inputs

@@ -326,53 +326,69 @@ def test_reconverting_with_other_settings_is_an_error():
         to_turbo_quantized_cache(cache, model, turbo_kv_bits=3, turbo_key_scaling=False)
 
 
-def _windowed_reference(q, k, v, bits, window, scale):
-    """Attention of every query p over keys (p - W, p] in float16 and older ones as a
-    window-less cache reconstructs them: the definition `fp16_window` must meet."""
+def _windowed_reference(q, k, v, bits, updates, scale):
+    """The definition `fp16_window` must meet: in an update of positions [a, b) that
+    began with codes of [0, R), query p reads keys [0, R) as a window-less cache
+    reconstructs them and [R, p] in float16. `updates`: (a, b, R) per update."""
     plain = TurboQuantKVCache(bits, bits)
     plain.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
-    kd, vd = plain._fetch(mx.float32)
+    kd, vd = plain.dequantized(mx.float32)
     kf, vf = k.astype(mx.float16).astype(mx.float32), v.astype(mx.float16).astype(mx.float32)
     group = q.shape[1] // k.shape[1]
     out = []
-    for p in range(k.shape[2]):
-        recent = (mx.arange(p + 1) > p - window)[None, None, :, None]
-        kk = mx.where(recent, kf[:, :, : p + 1], kd[:, :, : p + 1])
-        vv = mx.where(recent, vf[:, :, : p + 1], vd[:, :, : p + 1])
-        kk, vv = mx.repeat(kk, group, axis=1), mx.repeat(vv, group, axis=1)
-        out.append(mx.fast.scaled_dot_product_attention(q[:, :, p : p + 1], kk, vv, scale=scale))
+    for a, b, coded in updates:
+        for p in range(a, b):
+            recent = (mx.arange(p + 1) >= coded)[None, None, :, None]
+            kk = mx.where(recent, kf[:, :, : p + 1], kd[:, :, : p + 1])
+            vv = mx.where(recent, vf[:, :, : p + 1], vd[:, :, : p + 1])
+            kk, vv = mx.repeat(kk, group, axis=1), mx.repeat(vv, group, axis=1)
+            out.append(
+                mx.fast.scaled_dot_product_attention(q[:, :, p : p + 1], kk, vv, scale=scale)
+            )
     return mx.concatenate(out, axis=2)
 
 
 def _feed(cache, q, k, v, chunks):
-    out = []
+    """Attention outputs of `chunks` fed as updates, and (a, b, R) of each update."""
+    out, updates = [], []
     for a, b in chunks:
-        kd, vd = cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
+        updates.append((a, b, cache.n_coded))
+        codes = cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
         mask = "causal" if b - a > 1 else None
-        out.append(scaled_dot_product_attention(q[:, :, a:b], kd, vd, cache, 0.125, mask))
-    return mx.concatenate(out, axis=2)
+        out.append(scaled_dot_product_attention(q[:, :, a:b], *codes[:2], cache, 0.125, mask))
+    return mx.concatenate(out, axis=2), updates
 
 
-def test_fp16_window_attention_is_chunking_invariant_and_matches_its_definition(tmp_path):
+def test_fp16_window_attention_matches_its_definition(tmp_path):
     T, W = 300, 40
     k = mx.random.normal((1, 2, T, 64)) + 2.0 * mx.random.normal((1, 2, 1, 64))
     v, q = mx.random.normal((1, 2, T, 64)), mx.random.normal((1, 4, T, 64))
     one, chunked = TurboQuantKVCache(3, 3, fp16_window=W), TurboQuantKVCache(3, 3, fp16_window=W)
-    a = _feed(one, q, k, v, [(0, T)])
-    b = _feed(chunked, q, k, v, [(0, 7), (7, 8), (8, 100), (100, 101), (101, 250), (250, T)])
-    want = _windowed_reference(q, k, v, 3, W, 0.125)
-    np.testing.assert_allclose(np.array(a), np.array(want), atol=1e-5)
-    np.testing.assert_allclose(np.array(b), np.array(want), atol=1e-5)
+    chunks = [(0, 7), (7, 8), (8, 100), (100, 101), (101, 250), (250, 290)]
+    chunks += [(p, p + 1) for p in range(290, T)]
+    for cache, feed in ((one, [(0, T)]), (chunked, chunks)):
+        got, updates = _feed(cache, q, k, v, feed)
+        want = _windowed_reference(q, k, v, 3, updates, 0.125)
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=1e-5)
+    # Coding happens a block at a time: all but the newest W once more than 2W are
+    # uncoded (one chunk: 260 coded at once; chunked: 210 at position 250, then the
+    # decode steps leave 40..80 uncoded, 81 at 291 -> 41 more coded).
     assert (one.coded, one.offset) == (T - W, T)
-    for x, y in zip(one.state, chunked.state):
-        np.testing.assert_array_equal(np.array(x), np.array(y))
-    # Held: codes of the first T - W tokens and float16 K/V of the last W, nothing more
-    # once the next update has run (a decode step: one token slides out).
-    one.update_and_fetch(k[:, :, :1], v[:, :, :1])
+    assert (chunked.coded, chunked.offset) == (251, T)
+    # Codes depend only on the tokens: the common prefix is identical, and equal to a
+    # window-less cache's.
     plain = TurboQuantKVCache(3, 3)
-    plain.update_and_fetch(k[:, :, : T + 1 - W], v[:, :, : T + 1 - W])
-    assert one.nbytes == plain.nbytes + 2 * (2 * (W + 1) * 64 * 2)  # this step's block
-    assert sum(x.nbytes for x in one.state[6:]) == 2 * 2 * W * 64 * 2
+    plain.update_and_fetch(k.astype(mx.float16), v.astype(mx.float16))
+    for x, y, z in zip(one.state[:4], chunked.state[:4], plain.state[:4]):
+        np.testing.assert_array_equal(np.array(x[:, :, :251]), np.array(y))
+        np.testing.assert_array_equal(np.array(x), np.array(z[:, :, : T - W]))
+    # Held: codes and the float16 tokens from `coded` on, nothing more once the next
+    # update has run (a decode step that codes nothing).
+    one.update_and_fetch(k[:, :, :1], v[:, :, :1])
+    coded = TurboQuantKVCache(3, 3)
+    coded.update_and_fetch(k[:, :, : T - W], v[:, :, : T - W])
+    assert one.nbytes == coded.nbytes + 2 * (W + 1) * 2 * 64 * 2
+    assert sum(x.nbytes for x in one.state[6:]) == 2 * 2 * (W + 1) * 64 * 2
     # Save / load / deepcopy keep the window; the next step's attention is identical.
     path = str(tmp_path / "window.safetensors")
     save_prompt_cache(path, [one])
@@ -380,7 +396,7 @@ def test_fp16_window_attention_is_chunking_invariant_and_matches_its_definition(
     twin = copy.deepcopy(one)
     assert loaded.fp16_window == W and (loaded.coded, loaded.offset) == (one.coded, one.offset)
     outs = [
-        _feed(c, q[:, :, :3], k[:, :, 5:8], v[:, :, 5:8], [(0, 3)]) for c in (one, loaded, twin)
+        _feed(c, q[:, :, :3], k[:, :, 5:8], v[:, :, 5:8], [(0, 3)])[0] for c in (one, loaded, twin)
     ]
     for o in outs[1:]:
         np.testing.assert_array_equal(np.array(outs[0]), np.array(o))
@@ -414,10 +430,15 @@ def test_fp16_window_and_key_scaling_through_the_model(tmp_path):
     loaded = load_prompt_cache(path)
     a = greedy(model, seq[100:], 5, cache)
     assert a == greedy(model, seq[100:], 5, loaded)
+    # Chunked prefill codes the same positions here (100 at once: 84; 60 then 40: 44,
+    # then 40 more). Its cache is not the same: a chunk's queries read the earlier
+    # chunks' coded tokens through their codes, so later layers see other inputs (as
+    # with any quantized cache); `test_fp16_window_attention_matches_its_definition`
+    # checks each update's attention.
     chunked = make_prompt_cache(model, **kw)
-    for s in range(0, 100, 30):
-        model(seq[None, s : min(s + 30, 100)], cache=chunked)
-    assert a == greedy(model, seq[100:], 5, chunked)
+    for lo, hi in ((0, 60), (60, 100)):
+        model(seq[None, lo:hi], cache=chunked)
+    assert [c.coded for c in chunked] == [84, 84]
     with pytest.raises(ValueError, match="non-negative integer"):
         make_prompt_cache(model, turbo_kv_bits=3, turbo_fp16_window=-1)
     with pytest.raises(ValueError, match="needs key centering"):

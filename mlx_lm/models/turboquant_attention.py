@@ -57,32 +57,46 @@ def _released(x: mx.array, query_tokens: int) -> mx.array:
 
 
 def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[Any]) -> mx.array:
-    """Attention over a TurboQuant cache with a float16 window (`fp16_window` = W), a
+    """Attention over a TurboQuant cache with a float16 buffer (`fp16_window`), a
     single-sequence one or a left-padded batch.
 
-    The L queries of a row sit at positions p = n - L .. n - 1 (n: the row's tokens).
-    The row holds codes of positions [0, C) and float16 keys/values of [R, n) (R <= C).
-    Query p reads key j in float16 when max(R, p - W + 1) <= j <= p and through its
-    codes when j is below that bound, so each position is counted once. Both parts go to
-    one `mx.fast.scaled_dot_product_attention` in the rotated domains (Πq·Πk = q·k, and
-    Πᵥᵀ Σ P Πᵥv = Σ P v), over the codes' columns then the window's, with a boolean mask
-    that picks, per row and query, which copy of each position counts:
+    Row b's update began with codes of positions [0, R_b) and float16 keys/values of
+    every later position (its own tokens included): every query reads positions below
+    R_b through their codes and the rest in float16, causally. For a single sequence
+    that is one causal attention over [codes of [0, R) | float16 of [R, n)], with the
+    model's mask as it is. In a batch the rows' R_b differ and the float16 buffer
+    covers slots [first, slots), from the smallest: one
+    `mx.fast.scaled_dot_product_attention` over the codes' columns then the buffer's,
+    with a boolean mask that picks, per row, which copy of each slot counts (row b's
+    position j sits in slot pad_b + j). Both run in the rotated domains (Πq·Πk = q·k,
+    and Πᵥᵀ Σ P Πᵥv = Σ P v):
 
-        out_p = Πᵥᵀ softmax_j(scale · Πq_p · [Πk̂_j | Πk_j] + mask) [Πv̂_j | Πᵥv_j]
-
-    Columns are the cache's slots (`window_layout`): row b's position j sits in slot
-    pad_b + j (pad = 0 for a single sequence), the codes fill slots [0, C_max), the
-    float16 buffer slots [first, slots). A model mask (array over the slots) is applied
-    to both parts.
+        out = Πᵥᵀ softmax(scale · Πq · [Πk̂ | Πk] + mask) [Πv̂ | Πᵥv]
     """
     B, n_q, L, D = queries.shape
     coded, first, slots, pad, start = cache.window_layout()
     dtype = queries.dtype
+    if not getattr(cache, "is_batch", False):
+        if first == 0:  # nothing read through codes: plain attention
+            keys, values = cache.recent_keys.astype(dtype), cache.recent_values.astype(dtype)
+            out = mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=scale, mask=mask
+            )
+            return _released(out, L)
+        k_rot, v_rot = cache.rotated_keys_values(dtype)
+        recent_k = rotate(cache.recent_keys, cache.key_signs).astype(dtype)
+        recent_v = rotate(cache.recent_values, cache.value_signs).astype(dtype)
+        keys = mx.concatenate([k_rot[:, :, :first], recent_k], axis=2)
+        values = mx.concatenate([v_rot[:, :, :first], recent_v], axis=2)
+        q_rot = rotate(queries, cache.key_signs).astype(dtype)
+        out_rot = mx.fast.scaled_dot_product_attention(q_rot, keys, values, scale=scale, mask=mask)
+        out = inverse_rotate(out_rot, cache.value_signs).astype(dtype)
+        return _released(out, L)
     q_rot = rotate(queries, cache.key_signs).astype(dtype)
     keys = [rotate(cache.recent_keys, cache.key_signs).astype(dtype)]
     values = [rotate(cache.recent_values, cache.value_signs).astype(dtype)]
     t = mx.arange(slots - L, slots)[None, :, None]  # query slots [1, L, 1]
-    bound = mx.maximum(t - cache.fp16_window + 1, start[:, None, None])  # [B, L, 1]
+    bound = start[:, None, None]  # [B, 1, 1]: each row's first float16 slot read
     j = mx.arange(first, slots)[None, None]
     allowed = [(j >= bound) & (j <= t)]
     cols = [(first, slots)]
@@ -91,7 +105,8 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
         keys.insert(0, k_rot[:, :, :coded])
         values.insert(0, v_rot[:, :, :coded])
         j = mx.arange(coded)[None, None]
-        allowed.insert(0, (j >= pad[:, None, None]) & (j < bound))
+        codes = (j >= pad[:, None, None]) & (j < bound)
+        allowed.insert(0, mx.broadcast_to(codes, (B, L, coded)))
         cols.insert(0, (0, coded))
     allowed = mx.concatenate(allowed, axis=-1)[:, None]  # [B, 1, L, columns]
     if isinstance(mask, mx.array):
@@ -102,7 +117,7 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
             allowed = mx.where(allowed, model_mask.astype(dtype), mx.array(-mx.inf, dtype))
     keys, values = mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
     # An array mask takes SDPA's unfused path, which holds every score: a long query
-    # block (prefill) goes in pieces of at most MAX_SCORES scores.
+    # block goes in pieces of at most MAX_SCORES scores.
     block = max(1, MAX_SCORES // (B * n_q * allowed.shape[-1]))
     pieces = []
     for a in range(0, L, block):

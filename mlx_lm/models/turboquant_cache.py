@@ -4,8 +4,8 @@ norm per vector (arXiv 2504.19874, TurboQuant_mse).
 Per token and KV head the cache holds `packed_words(head_dim, bits)` uint32 words of
 codes and one float16 norm, for keys and values separately: at head_dim 128 and 3 bits
 that is 48 + 2 bytes instead of 256 bytes of FP16. There is no FP16 shadow copy: the
-packed codes and norms are the only copy of the context. With `fp16_window` = W the last
-W tokens are held in float16 instead (their only copy), each quantized as it slides out.
+packed codes and norms are the only copy of the context. With `fp16_window` = W the newest
+W to 2W tokens are held in float16 instead (their only copy), coded W + 1 at a time.
 
 Keys are quantized as residuals from a causal running key mean (see `key_mean_segment`):
 keys carry a large per-channel offset that costs quantization levels without carrying
@@ -100,6 +100,13 @@ def _kv_dequantizer(
 
 _EMPTY = mx.zeros((0,), dtype=mx.float16)  # an absent array in a saved state
 _ZERO = mx.zeros((1,), dtype=mx.int32)
+
+
+def window_flush(uncoded: int, window: int) -> int:
+    """How many of `uncoded` float16 tokens to code now with an FP16 window of `window`
+    (W): none while at most 2W, else all but the newest W. Coding a block at a time keeps
+    a decode step's work to the float16 append W times out of W + 1."""
+    return uncoded - window if uncoded > 2 * window else 0
 
 
 def check_fp16_window(window) -> int:
@@ -509,13 +516,17 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         key_centering: quantize keys as residuals from the causal running key mean
             (`TurboQuantCodec`); on by default.
         key_scaling: also scale keys per channel before quantizing (`TurboQuantCodec`).
-        fp16_window: keep the keys and values of the most recent `fp16_window` tokens
-            in float16 and compress each token as it slides out (KIVI-style). A query at
-            position p attends to positions (p - W, p] in float16 and to older ones
-            through their codes, however the tokens arrived (one by one or in chunks).
-            Held: the codes of positions before offset - W and float16 keys/values of
-            the last W positions only; after an update the float16 keys/values of that
-            update's tokens (which its attention reads) stay until the next update.
+        fp16_window: keep the keys and values of the newest `fp16_window` (W) to 2W
+            tokens in float16, KIVI-style: once an update leaves more than 2W tokens
+            uncoded, all but the newest W are coded in one launch (so a decode step
+            codes nothing W times out of W + 1, and launches no quantize kernel nor
+            code-buffer updates then). Every query of an update reads the tokens that
+            were uncoded when the update began, and the update's own, in float16
+            (causally) and older ones through their codes: prefill attention is then a
+            plain causal attention over [codes | float16], no per-query mask. Held:
+            codes of positions [0, coded) and float16 keys/values of [coded, offset);
+            after an update the float16 copies of the tokens it coded (which its
+            attention reads) stay until the next update.
     """
 
     step = 256
@@ -582,21 +593,24 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         )
 
     def _slide_window(self, keys: mx.array, values: mx.array):
-        """Append new tokens to the float16 window; return the tokens that slide out of
-        it (positions coded.. , to be quantized)."""
+        """Append new tokens to the float16 buffer; return the tokens to code now
+        (positions coded.., none unless more than 2W are uncoded: `fp16_window`)."""
         if keys.dtype != mx.float16:
             keys, values = keys.astype(mx.float16), values.astype(mx.float16)
         if self.recent_keys is not None:
             held = self.coded - self.recent_start
-            keys = mx.concatenate([self.recent_keys[:, :, held:], keys], axis=2)
-            values = mx.concatenate([self.recent_values[:, :, held:], values], axis=2)
+            old_keys, old_values = self.recent_keys, self.recent_values
+            if held:
+                old_keys, old_values = old_keys[:, :, held:], old_values[:, :, held:]
+            keys = mx.concatenate([old_keys, keys], axis=2)
+            values = mx.concatenate([old_values, values], axis=2)
         self.recent_keys, self.recent_values, self.recent_start = keys, values, self.coded
-        n = max(0, keys.shape[2] - self.fp16_window)
+        n = window_flush(keys.shape[2], self.fp16_window)
         return keys[:, :, :n], values[:, :, :n]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Quantize and store the new tokens (with a window: those that slide out of
-        it); return lazily dequantized keys/values of the whole context."""
+        """Store the new tokens: quantized, or with a window in float16 (coding a block
+        once more than 2W are uncoded); return the packed codes (`_compressed`)."""
         B, n_kv_heads, S, _ = keys.shape
         new_keys, new_values = keys, values
         if self.fp16_window:
@@ -692,9 +706,9 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         return True
 
     def trim(self, n):
-        """Drop the last n tokens. With a window, positions that had already slid out
-        of it stay coded (their float16 copy is gone), so until new tokens refill the
-        window fewer recent positions are float16 than in a cache filled afresh."""
+        """Drop the last n tokens. With a window, positions already coded stay coded
+        (their float16 copy is gone), so until new tokens arrive fewer recent
+        positions may be float16 than in a cache filled afresh."""
         n = min(self.offset, n)
         self.offset -= n
         self.coded = min(self.coded, self.offset)
@@ -1049,10 +1063,10 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
 
     With `fp16_window` = W, row b holds codes of positions [0, coded_by[b]) and float16
     keys/values of the rest in `recent_keys` / `recent_values` [B, n_kv_heads, n_w,
-    head_dim], which cover the last n_w slots (left-padded per row). Each new token
-    joins the window; a row whose window then holds more than W tokens quantizes its
-    oldest one with that row's segment, mean and scale. Each row therefore holds the
-    codes, means, scales and window its sequence would hold decoded alone.
+    head_dim], which cover the last n_w slots (left-padded per row). New tokens join
+    the float16 buffer; a row left with more than 2W uncoded tokens codes all but its
+    newest W with its own segments, means and scales. Each row therefore holds the
+    codes, means, scales and float16 tokens its sequence would hold decoded alone.
 
     Decode attention runs the fused kernels on a GPU (per-row padding and windows),
     the pure-MLX reference (`turboquant_attention`) elsewhere.
@@ -1322,20 +1336,32 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     # ---- decoding ----
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        """Store new tokens, one at a time (with a window: each joins its row's float16
-        window and a row whose window overflows quantizes its oldest token; without: each
-        is quantized); return lazily dequantized keys/values of the whole buffer."""
+        """Store new tokens (with a window: they join the rows' float16 buffer and a row
+        left with more than 2W uncoded tokens codes all but its newest W, as its own
+        cache would; without: each is quantized); return the packed codes."""
         B, n_kv_heads, S, d = keys.shape
         if B != self.batch_size:
             raise ValueError(f"This batch cache holds {self.batch_size} sequences, got {B}.")
         if self.head_dim is None:
             self._setup(d, values.shape[-1])
-        if self.fp16_window:
-            # What this update's queries read in float16: from each row's coded count on.
-            self.recent_start_by = list(self.coded_by)
-            self._drop_read_window()
-        for t in range(S):
-            self._append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+        if not self.fp16_window:
+            for t in range(S):
+                self._append(keys[:, :, t : t + 1], values[:, :, t : t + 1])
+            return self._compressed()
+        # What this update's queries read in float16: from each row's coded count on.
+        self.recent_start_by = list(self.coded_by)
+        self._drop_read_window()
+        self._grow(B, n_kv_heads, S)
+        k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
+        if self.recent_keys is not None:
+            k16 = mx.concatenate([self.recent_keys, k16], axis=2)
+            v16 = mx.concatenate([self.recent_values, v16], axis=2)
+        self.recent_keys, self.recent_values = k16, v16
+        self._filled += S
+        for b, (n, c) in enumerate(zip(self.lengths, self.coded_by)):
+            flush = window_flush(n - c, self.fp16_window)
+            if flush:
+                self._code_row(b, flush)
         return self._compressed()
 
     def _drop_read_window(self):
@@ -1348,48 +1374,51 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
             self.recent_keys = self.recent_keys[:, :, cut:]
             self.recent_values = self.recent_values[:, :, cut:]
 
+    def _code_row(self, b: int, n: int):
+        """Code row b's n oldest float16 tokens (positions coded_by[b]..), a key-mean
+        segment piece at a time with the row's own means and scales, as
+        `TurboQuantCodec._quantize` does for one sequence."""
+        pad, coded = self._pad[b], self.coded_by[b]
+        w = pad + coded - (self._filled - self.recent_keys.shape[2])
+        backend = fused_backend() if quantize_supported(self.head_dim) else None
+        start, stop = coded, coded + n
+        while start < stop:
+            s = key_mean_segment(start, self.max_segment)
+            end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
+            if s == self.segments_held_by[b]:
+                self._open_segment(b, s)
+            mean = scale = None
+            if s > 0:
+                column = lambda x: x[b : b + 1, :, s - 1 : s].astype(mx.float32)  # noqa: E731
+                mean = inverse_rotate(column(self.key_means), self.key_signs)
+                if self.key_scales is not None:
+                    scale = column(self.key_scales)
+            piece = slice(w + start - coded, w + end - coded)
+            keys = self.recent_keys[b : b + 1, :, piece]
+            values = self.recent_values[b : b + 1, :, piece]
+            pk, kn, pv, vn = self._code(keys, values, mean, scale, backend, ("row", b, s))
+            slots = slice(pad + start, pad + end)
+            for buf, x in zip(self._buffers(), (pk, kn.astype(mx.float16), pv, vn)):
+                buf[b : b + 1, :, slots] = x
+            self.segments[b : b + 1, slots] = s
+            self.coded_by[b] = start = end
+
     def _append(self, keys: mx.array, values: mx.array):
+        """Code one new token of every row (no window), at the batch's newest slot."""
         B, n_kv_heads, _, d = keys.shape
-        W = self.fp16_window
         self._grow(B, n_kv_heads)
         self._filled += 1
-        lengths = self.lengths
-        if W:
-            k16, v16 = keys.astype(mx.float16), values.astype(mx.float16)
-            if self.recent_keys is not None:
-                k16 = mx.concatenate([self.recent_keys, k16], axis=2)
-                v16 = mx.concatenate([self.recent_values, v16], axis=2)
-            self.recent_keys, self.recent_values = k16, v16
-            # Window held: positions coded..n-1 (at most W before this token).
-            slide = [n - c > W for n, c in zip(lengths, self.coded_by)]
-            if not any(slide):
-                return
-            slot = self._filled - W - 1  # every sliding row's oldest window token
-            w = slot - (self._filled - k16.shape[2])
-            keys, values = k16[:, :, w : w + 1], v16[:, :, w : w + 1]
-        else:
-            slide = [True] * B
-            slot = self._filled - 1
-        segs = [
-            key_mean_segment(c, self.max_segment) if m else 0 for c, m in zip(self.coded_by, slide)
-        ]
+        slot = self._filled - 1
+        segs = [key_mean_segment(c, self.max_segment) for c in self.coded_by]
         for b, s in enumerate(segs):
-            if slide[b] and s == self.segments_held_by[b]:
+            if s == self.segments_held_by[b]:
                 self._open_segment(b, s)
         pk, kn, pv, vn = self._quantize_rows(keys, values, segs)
         new = [pk, kn.astype(mx.float16), pv, vn.astype(mx.float16)]
-        new_segs = mx.array(segs, dtype=mx.int32)[:, None]
-        if not all(slide):
-            m = mx.array(slide)
-            new = [
-                mx.where(m.reshape(-1, *([1] * (x.ndim - 1))), x, old[:, :, slot : slot + 1])
-                for x, old in zip(new, self._buffers())
-            ]
-            new_segs = mx.where(m[:, None], new_segs, self.segments[:, slot : slot + 1])
         for buf, x in zip(self._buffers(), new):
             buf[:, :, slot : slot + 1] = x
-        self.segments[:, slot : slot + 1] = new_segs
-        self.coded_by = [c + int(m) for c, m in zip(self.coded_by, slide)]
+        self.segments[:, slot : slot + 1] = mx.array(segs, dtype=mx.int32)[:, None]
+        self.coded_by = [c + 1 for c in self.coded_by]
 
     def _quantize_rows(self, keys: mx.array, values: mx.array, segs: List[int]):
         """Codes of one token per row, keys centered (and scaled) with each row's segment
@@ -1441,15 +1470,16 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         columns[b : b + 1, :, s - 1 : s] = x
         return columns
 
-    def _grow(self, B: int, n_kv_heads: int):
-        if self.packed_keys is not None and self._filled + 1 <= self.packed_keys.shape[2]:
+    def _grow(self, B: int, n_kv_heads: int, S: int = 1):
+        if self.packed_keys is not None and self._filled + S <= self.packed_keys.shape[2]:
             return
-        new = self._zero_codes(B, n_kv_heads, self.step)
-        new_segments = mx.zeros((B, self.step), mx.int32)
+        n_new = (self.step + S - 1) // self.step * self.step
+        new = self._zero_codes(B, n_kv_heads, n_new)
+        new_segments = mx.zeros((B, n_new), mx.int32)
         if self.packed_keys is None:
             # Nothing stored yet: the padding slots (if any) come first.
             new = [_pad_axis2(x, self._filled) for x in new]
-            new_segments = mx.zeros((B, self._filled + self.step), mx.int32)
+            new_segments = mx.zeros((B, self._filled + n_new), mx.int32)
         else:
             old = [x[:, :, : self._filled] for x in self._buffers()]
             new = [mx.concatenate([o, n], axis=2) for o, n in zip(old, new)]
