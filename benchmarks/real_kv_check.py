@@ -1,7 +1,8 @@
 """Fused decode kernel against the reference on real keys and values.
 
     python benchmarks/real_kv_check.py dump            # on a CPU: writes real_kv.npz
-    python benchmarks/real_kv_check.py check [backend]  # on the GPU (or "emulate")
+    python benchmarks/real_kv_check.py check [backend [layer ...]]  # on the GPU (or
+                                                # "emulate"); layers e.g. smollm2_15
 
 `dump` runs SmolLM2-135M and Gemma 3 270M (the sample GGUFs, dequantized) over 700
 tokens of the GPL-3 text and keeps the queries of the last 4 positions and the keys and
@@ -41,7 +42,7 @@ def dump():
     np.savez_compressed(DATA, **out)
 
 
-def check(backend):
+def check(backend, only=()):
     if backend == "emulate":
         import kernel_emulator
 
@@ -49,6 +50,8 @@ def check(backend):
     data = np.load(DATA)
     worst = 0.0
     for n in sorted({k.rsplit("_", 1)[0] for k in data.files}):
+        if only and n not in only:
+            continue
         q, k, v = (mx.array(data[f"{n}_{x}"]) for x in "qkv")
         scale = float(data[f"{n}_scale"])
         for bits in (3, 4):
@@ -66,4 +69,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "dump":
         dump()
     else:
-        check(sys.argv[2] if len(sys.argv) > 2 else BACKEND)
+        check(sys.argv[2] if len(sys.argv) > 2 else BACKEND, sys.argv[3:])

@@ -257,9 +257,12 @@ def real_attention_inputs(model, tokens, layers):
 
 def check_real_layer(queries, keys, values, scale, backend=BACKEND, L=1, bits=3):
     """The defaults (key scaling, float16 window 64) on a real layer's keys and values:
-    the kernel against the reference for the last L queries."""
+    the kernel against the reference for the last L queries, after a prefill of the
+    tokens before them (which codes all but 64) and a step of the last L tokens."""
     cache = TurboQuantKVCache(bits, bits, key_scaling=True, fp16_window=64)
-    cache.update_and_fetch(keys, values)
+    cache.update_and_fetch(keys[:, :, :-L], values[:, :, :-L])
+    cache.update_and_fetch(keys[:, :, -L:], values[:, :, -L:])
+    assert 0 < cache.recent_start == cache.coded
     q = queries[:, :, -L:]
     mask = "causal" if L > 1 else None
     assert kernels.supports(q, cache, mask)
