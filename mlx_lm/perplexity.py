@@ -2,7 +2,8 @@
 
 The text is fed through the prompt cache the way generation feeds a prompt, in chunks,
 so that every token after the first chunk attends to keys and values that the cache has
-already compressed. The command reports the perplexity of that run and compares its
+already compressed (with TurboQuant's FP16 window, a chunk's own tokens and the window's
+are read in FP16: chunks of at most the window's 64 tokens measure what decoding costs). The command reports the perplexity of that run and compares its
 next-token distributions with a run through an uncompressed cache on the same text:
 mean KL(FP || compressed) and top-1 agreement. A perplexity alone hides compensating
 errors; KL and top-1 do not.
@@ -194,7 +195,9 @@ def setup_arg_parser():
         "--chunk-size",
         type=_positive_int,
         default=DEFAULT_CHUNK_SIZE,
-        help="Tokens per forward pass through the cache (like a prefill step).",
+        help="Tokens per forward pass through the cache (like a prefill step). With a "
+        "TurboQuant FP16 window a chunk's queries read the chunk in FP16: a chunk no longer "
+        "than the window (64) measures what decoding costs.",
     )
     add_kv_args(parser)
     # Here affine quantization starts at once, so that the text attends to it.
