@@ -3,8 +3,8 @@
 The text is fed through the prompt cache the way generation feeds a prompt, in chunks,
 so that every token after the first chunk attends to keys and values that the cache has
 already compressed (with TurboQuant's FP16 window, a chunk's own tokens and the window's
-are read in FP16: chunks of at most the window's 64 tokens measure what decoding costs). The command reports the perplexity of that run and compares its
-next-token distributions with a run through an uncompressed cache on the same text:
+are read in FP16: chunks of at most the window's 64 tokens measure what decoding costs).
+The command reports the perplexity of that run and compares its next-token distributions with a run through an uncompressed cache on the same text:
 mean KL(FP || compressed) and top-1 agreement. A perplexity alone hides compensating
 errors; KL and top-1 do not.
 

@@ -62,7 +62,8 @@ struct TqBarrier {
       cv.notify_all();
       return;
     }
-    if (!cv.wait_for(lock, std::chrono::seconds(TQ_BARRIER_TIMEOUT_S), [&] { return phase != my_phase || tq_deadlock; })) {
+    auto released = [&] { return phase != my_phase || tq_deadlock; };
+    if (!cv.wait_for(lock, std::chrono::seconds(TQ_BARRIER_TIMEOUT_S), released)) {
       tq_deadlock = true;
       cv.notify_all();
     }

@@ -138,6 +138,16 @@ def key_mean_segment(position: int, max_segment: int = KEY_MEAN_MAX_SEGMENT) -> 
     return 0 if q == 0 else min(max_segment, (q.bit_length() - 1) // 2 + 1)
 
 
+def segment_pieces(start: int, stop: int, max_segment: int):
+    """(s, a, b) for each key-mean segment s that positions [start, stop) meet, [a, b)
+    its part of them, in order."""
+    while start < stop:
+        s = key_mean_segment(start, max_segment)
+        end = stop if s == max_segment else min(stop, segment_start(s + 1))
+        yield s, start, end
+        start = end
+
+
 def key_mean_segments(start: int, stop: int, max_segment: int = KEY_MEAN_MAX_SEGMENT):
     """s(p) for positions start..stop-1, as an int32 array."""
     q = np.arange(start, stop) // KEY_MEAN_FIRST_SEGMENT
@@ -380,10 +390,8 @@ class TurboQuantCodec:
         stop = first + S
         backend = fused_backend() if quantize_supported(d) else None
 
-        pieces, start, coded_values = [], first, None
-        while start < stop:
-            s = key_mean_segment(start, self.max_segment)
-            end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
+        pieces, coded_values = [], None
+        for s, start, end in segment_pieces(first, stop, self.max_segment):
             if s == self.segments_held:
                 self._add_key_mean(s, first, pieces)
             x = keys if end - start == S else keys[:, :, start - first : end - first]
@@ -396,7 +404,6 @@ class TurboQuantCodec:
             if with_values is not None:
                 coded_values = out[2:]
             pieces.append((start, pk, kn))
-            start = end
         if coded_values is None:
             pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
             coded_values = (pv, vn.astype(mx.float16))
@@ -1381,10 +1388,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         pad, coded = self._pad[b], self.coded_by[b]
         w = pad + coded - (self._filled - self.recent_keys.shape[2])
         backend = fused_backend() if quantize_supported(self.head_dim) else None
-        start, stop = coded, coded + n
-        while start < stop:
-            s = key_mean_segment(start, self.max_segment)
-            end = stop if s == self.max_segment else min(stop, segment_start(s + 1))
+        for s, start, end in segment_pieces(coded, coded + n, self.max_segment):
             if s == self.segments_held_by[b]:
                 self._open_segment(b, s)
             mean = scale = None
@@ -1401,7 +1405,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
             for buf, x in zip(self._buffers(), (pk, kn.astype(mx.float16), pv, vn)):
                 buf[b : b + 1, :, slots] = x
             self.segments[b : b + 1, slots] = s
-            self.coded_by[b] = start = end
+            self.coded_by[b] = end
 
     def _append(self, keys: mx.array, values: mx.array):
         """Code one new token of every row (no window), at the batch's newest slot."""

@@ -418,7 +418,8 @@ PARTIAL_BODY = """
             if (STAGE) {
               tq_codes<CH>(value_stage + (warp * 32 + t) * VW, lane * DPL + k0, VB, codes);
             } else {
-              tq_codes<CH>(packed_values + ((size_t)bh * cap + base + t) * VW, lane * DPL + k0, VB, codes);
+              tq_codes<CH>(packed_values + ((size_t)bh * cap + base + t) * VW, lane * DPL + k0,
+                           VB, codes);
             }
             for (int k = 0; k < CH; k++) {
               v[k0 + k] = value_cb[codes[k]];
@@ -688,9 +689,9 @@ TYPE_NAMES = {
 def _specialised(backend: str, index: int, template: tuple):
     """Kernel `index` of KERNELS with its template constants written into its source,
     made once per set of constants, so that a call passes no template. Measured on the
-    H200: building the graph of a decode layer's two attention kernels took 19-20 µs
-    this way against 24-27 µs with MLX templates, and a decode step is bound by such
-    host work at batch 1."""
+    H200: building the graph of one layer's decode attention (the Python and both
+    kernel calls) took 19-20 µs this way against 24-27 µs with MLX templates, and a
+    decode step is bound by such host work at batch 1."""
     flavour, maker = KERNEL_MAKERS[backend]
     header, *bodies = kernel_sources(flavour)
     names = TYPE_NAMES[flavour]
@@ -739,8 +740,9 @@ def fused_quantize(
     scale: Optional[mx.array] = None,
 ):
     """turboquant_quantize of keys [B, H, S, D] (times `scale`, minus `mean`, each
-    [B, H, 1, D], if given) and, if given, of values [B, H, S', D], in one launch. Returns (packed keys, key norms)
-    or (packed keys, key norms, packed values, value norms); norms float16 [B, H, S]."""
+    [B, H, 1, D], if given) and, if given, of values [B, H, S', D], in one launch.
+    Returns (packed keys, key norms) or (packed keys, key norms, packed values, value
+    norms); norms float16 [B, H, S]."""
     B, H, S, D = keys.shape
     kw = (D * key_bits + 31) // 32
     nk = B * H * S
