@@ -506,7 +506,6 @@ PARTIAL_TEMPLATES = [
         VB=3,
         KW=12,
         VW=12,
-        NSEG=4,
         MAXSEG=8,
         SCALED=1,
         RING=0,
@@ -526,7 +525,6 @@ PARTIAL_TEMPLATES = [
         VB=2,
         KW=8,
         VW=4,
-        NSEG=0,
         MAXSEG=8,
         SCALED=0,
         RING=1,
@@ -546,7 +544,6 @@ PARTIAL_TEMPLATES = [
         VB=8,
         KW=16,
         VW=64,
-        NSEG=3,
         MAXSEG=3,
         SCALED=0,
         RING=0,
@@ -558,8 +555,8 @@ PARTIAL_TEMPLATES = [
     ),
 ]
 QUANTIZE_TEMPLATES = [
-    dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, NK=28, HAS_MEAN=1, HAS_SCALE=1, PER_MEAN=1),
-    dict(D=64, KBITS=4, VBITS=2, KW=8, VW=4, NK=7, HAS_MEAN=0, HAS_SCALE=0, PER_MEAN=7),
+    dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, HAS_MEAN=1, HAS_SCALE=1),
+    dict(D=64, KBITS=4, VBITS=2, KW=8, VW=4, HAS_MEAN=0, HAS_SCALE=0),
 ]
 
 

@@ -181,15 +181,16 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 # Keys of segment s are scored as Π(q∘σ_s)·(n_j c_j + M̃_s) with M̃_s = Π(μ_s/σ_s)
 # (`TurboQuantCodec`; σ = 1 without key scaling): the group rotates its queries once per
 # segment its tokens fall in (segment ids from positions, or from `segments` in a ring).
-# Template: D, R, RC, L, NT, KB/VB bits, KW/VW words, NSEG segments held (0: no
-# centering), MAXSEG, SCALED, RING, WIN, CAUSAL, ROT (1: the group rotates the queries;
-# 0: they arrive rotated, D not a power of two), HKV (KV heads), STAGE (words staged
-# in shared memory). Inputs: q [BH, R, D];
-# key_signs [D]; seg_scale / seg_mean [BH, NSEG, D] f32; packed keys / values [BH, CAP,
-# KW|VW] u32 and norms [BH, CAP] f16; segments [CAP] (ring); window_keys / values [BH,
-# slots - first, D]; codebooks; params f32 = {coded, per_split, scale, slots, first, cap,
-# SPLITS, then pad and start per sequence}. Outputs per (bh, split, row): the
-# unnormalised output, the running max and the sum of the softmax.
+# Template (constants written into the source, `_specialised`): D, R, RC, L, NT, KB/VB
+# bits, KW/VW words, MAXSEG, SCALED, RING, WIN, CAUSAL, ROT (1: the group rotates the
+# queries; 0: they arrive rotated, D not a power of two), HKV (KV heads), STAGE (words
+# staged in shared memory). What grows with the context is a runtime parameter, so a
+# long generation compiles nothing new. Inputs: q [BH, R, D]; key_signs [D];
+# seg_scale / seg_mean [BH, NSEG, D] f32; packed keys / values [BH, CAP, KW|VW] u32 and
+# norms [BH, CAP] f16; segments [CAP] (ring); window_keys / values [BH, slots - first,
+# D]; codebooks; params f32 = {coded, per_split, scale, slots, first, cap, SPLITS, NSEG
+# (segments held, 0: no centering), then pad and start per sequence}. Outputs per (bh,
+# split, row): the unnormalised output, the running max and the sum of the softmax.
 PARTIAL_BODY = """
   constexpr int NW = NT / 32;
   constexpr int DPL = D / 32;
@@ -204,12 +205,13 @@ PARTIAL_BODY = """
   const int first = static_cast<int>(params[4]);
   const int cap = static_cast<int>(params[5]);
   const int splits = static_cast<int>(params[6]);
+  const int nseg = static_cast<int>(params[7]);
   const int nsplit = splits + WIN;
   const int split = tq_group % nsplit;
   const int chunk = (tq_group / nsplit) % CHUNKS;
   const int bh = tq_group / (nsplit * CHUNKS);
-  const int pad = static_cast<int>(params[7 + 2 * (bh / HKV)]);
-  const int start = static_cast<int>(params[8 + 2 * (bh / HKV)]);
+  const int pad = static_cast<int>(params[8 + 2 * (bh / HKV)]);
+  const int start = static_cast<int>(params[9 + 2 * (bh / HKV)]);
   const int n_window = slots - first;
   const int r0 = chunk * RC;
   const bool in_window = WIN && split == splits;
@@ -264,17 +266,17 @@ PARTIAL_BODY = """
   }
 
   // One pass per key-mean segment the group's slots hold (one for the window).
-  const bool by_segment = !in_window && NSEG > 1;
+  const bool by_segment = !in_window && nseg > 1;
   int s_first = 0;
   int s_last = 0;
   if (by_segment && RING) {
-    s_last = NSEG - 1;
+    s_last = nseg - 1;
   } else if (by_segment && lo < hi) {
     s_first = tq_segment(lo - pad, MAXSEG);
     s_last = tq_segment(hi - 1 - pad, MAXSEG);
   }
   for (int s = s_first; s <= s_last; s++) {
-    const int sid = min(s, NSEG > 0 ? NSEG - 1 : 0);
+    const int sid = min(s, nseg > 0 ? nseg - 1 : 0);
     int pass_lo = lo;
     int pass_hi = hi;
     if (by_segment && !RING) {
@@ -291,7 +293,7 @@ PARTIAL_BODY = """
       float x = static_cast<float>(q[((size_t)bh * R + min(r0 + i / D, R - 1)) * D + e]);
       if (!in_window) {
         if (SCALED) {
-          x *= seg_scale[((size_t)bh * NSEG + sid) * D + e];
+          x *= seg_scale[((size_t)bh * nseg + sid) * D + e];
         }
         if (ROT) {
           x *= key_signs[e];
@@ -320,9 +322,9 @@ PARTIAL_BODY = """
     // (Π(q∘σ_s))·M̃_s, a warp per row.
     for (int i = warp; i < RC; i += NW) {
       float dot = 0.0f;
-      if (NSEG > 0 && !in_window) {
+      if (nseg > 0 && !in_window) {
         for (int e = lane; e < D; e += 32) {
-          dot += qs[i * D + e] * seg_mean[((size_t)bh * NSEG + sid) * D + e];
+          dot += qs[i * D + e] * seg_mean[((size_t)bh * nseg + sid) * D + e];
         }
       }
       dot = tq_warp_sum(dot);
@@ -525,13 +527,17 @@ MERGE_BODY = """
 # Quantize: one thread group of D threads per vector (norm, rotation, nearest centroid,
 # norm correction, pack); groups [0, NK) take keys, the NV after them values, so one
 # launch quantizes a decode step's keys and values. Template: D (a power of two),
-# KBITS/VBITS, KW/VW packed words, NK, HAS_MEAN, HAS_SCALE, PER_MEAN (keys sharing one
-# mean). Keys are coded as k * scale - mean (key scaling: scale = 1/σ, mean = μ/σ).
-# Inputs: keys [NK, D], values [NV, D], mean and scale [NK / PER_MEAN, D] f32, signs [D] f32 and
-# codebooks [2^bits] f32 per kind. Outputs: packed [N, W] u32 and norms [N] f16 per kind.
+# KBITS/VBITS, KW/VW packed words, HAS_MEAN, HAS_SCALE. Keys are coded as
+# k * scale - mean (key scaling: scale = 1/σ, mean = μ/σ). Inputs: keys [NK, D], values
+# [NV, D], mean and scale [NK / PER_MEAN, D] f32, signs [D] f32 and codebooks [2^bits]
+# f32 per kind, params f32 = {NK, PER_MEAN (keys sharing one mean)}: runtime, so that
+# blocks of any length reuse one compiled kernel. Outputs: packed [N, W] u32 and norms
+# [N] f16 per kind.
 QUANTIZE_BODY = """
-  const bool is_key = tq_group < NK;
-  const int n = is_key ? tq_group : tq_group - NK;
+  const int nk = static_cast<int>(params[0]);
+  const int per_mean = static_cast<int>(params[1]);
+  const bool is_key = tq_group < nk;
+  const int n = is_key ? tq_group : tq_group - nk;
   const int d = tq_tid;
   const int bits = is_key ? KBITS : VBITS;
   const int words = is_key ? KW : VW;
@@ -543,10 +549,10 @@ QUANTIZE_BODY = """
   float v = is_key ? static_cast<float>(keys[(size_t)n * D + d])
                    : static_cast<float>(values[(size_t)n * D + d]);
   if (HAS_SCALE && is_key) {
-    v *= scale[(size_t)(n / PER_MEAN) * D + d];
+    v *= scale[(size_t)(n / per_mean) * D + d];
   }
   if (HAS_MEAN && is_key) {
-    v -= mean[(size_t)(n / PER_MEAN) * D + d];
+    v -= mean[(size_t)(n / per_mean) * D + d];
   }
   // ||x||: tree reduction.
   red[d] = v * v;
@@ -631,6 +637,7 @@ QUANTIZE_INPUTS = [
     "value_signs",
     "key_codebook",
     "value_codebook",
+    "params",
 ]
 QUANTIZE_OUTPUTS = ["packed_keys", "key_norms", "packed_values", "value_norms"]
 
@@ -763,6 +770,7 @@ def fused_quantize(
             _zeros(D, f32) if value_signs is None else value_signs,
             key_codebook,
             _zeros(2, f32) if value_codebook is None else value_codebook,
+            _params((nk, S)),
         ],
         template=[
             ("D", D),
@@ -770,10 +778,8 @@ def fused_quantize(
             ("VBITS", value_bits or 1),
             ("KW", kw),
             ("VW", vw),
-            ("NK", nk),
             ("HAS_MEAN", int(mean is not None)),
             ("HAS_SCALE", int(scale is not None)),
-            ("PER_MEAN", S),
         ],
         grid=((nk + nv) * D, 1, 1),
         threadgroup=(D, 1, 1),
@@ -871,7 +877,7 @@ def _params(values: tuple) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, nseg, max_segment, flags):
+def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags):
     """The partial and merge kernels' template constants for one kind of call (built once:
     a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal)."""
     rows = n_q_heads // n_kv * L
@@ -888,7 +894,6 @@ def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, nseg, max_
         ("VB", value_bits),
         ("KW", kw),
         ("VW", vw),
-        ("NSEG", nseg),
         ("MAXSEG", max_segment),
         ("SCALED", scaled),
         ("RING", ring),
@@ -925,12 +930,12 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     key_bits, value_bits = cache.key_bits, cache.value_bits
     vw = view.packed_values.shape[-1]
     partial_template, merge_template, chunks = _decode_plan(
-        D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, nseg, cache.max_segment, flags
+        D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, cache.max_segment, flags
     )
     groups = B * n_kv
     splits = max(1, min(-(-view.coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * chunks)))
     per_split = max(1, -(-view.coded // splits))
-    head = (view.coded, per_split, scale, view.slots, view.first, cap, splits)
+    head = (view.coded, per_split, scale, view.slots, view.first, cap, splits, nseg)
     params = _params(head + view.rows)
     nsplit = splits + int(win)
     out, m, s = _launch(
