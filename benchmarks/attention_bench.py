@@ -16,6 +16,7 @@ import time
 
 import mlx.core as mx
 
+from mlx_lm.models import turboquant_kernels as kernels
 from mlx_lm.models.base import scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.turboquant_cache import TurboQuantKVCache
@@ -28,6 +29,20 @@ def per_call_us(f, calls: int, rounds: int) -> float:
         mx.synchronize()
         tic = time.perf_counter()
         mx.eval([f() for _ in range(calls)])
+        times.append((time.perf_counter() - tic) / calls)
+    return statistics.median(times) * 1e6
+
+
+def eval_us(f, calls: int, rounds: int) -> float:
+    """Time to evaluate `calls` calls' graph, built beforehand: the device's work and
+    its launches, without the Python that builds the graph."""
+    mx.eval(f())
+    times = []
+    for _ in range(rounds):
+        outs = [f() for _ in range(calls)]
+        mx.synchronize()
+        tic = time.perf_counter()
+        mx.eval(outs)
         times.append((time.perf_counter() - tic) / calls)
     return statistics.median(times) * 1e6
 
@@ -59,6 +74,14 @@ def main():
     p.add_argument("--no-key-scaling", action="store_true")
     p.add_argument("--calls", type=int, default=28, help="calls evaluated together")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument(
+        "--groups",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the TurboQuant attention with these TARGET_GROUPS (thread groups "
+        "the context is split for)",
+    )
     p.add_argument("--output")
     args = p.parse_args()
 
@@ -72,9 +95,10 @@ def main():
         f"scaling {'off' if args.no_key_scaling else 'on'}); µs per call ({args.calls} calls "
         f"evaluated together, median of {args.rounds}).",
         "",
-        "| context | fp16 attention | tq attention | tq/fp16 | fp16 update | tq update "
-        "| fp16 build | tq build |",
-        "|---|---|---|---|---|---|---|---|",
+        "| context | fp16 attention | tq attention | tq/fp16 | tq per-lane | fp16 eval "
+        "| tq eval | fp16 update | tq update | fp16 build | tq build |"
+        + "".join(f" tq eval, {g} groups |" for g in args.groups),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(args.groups),
     ]
     for context in args.contexts:
         fp16 = KVCache()
@@ -107,7 +131,24 @@ def main():
         def attend_tq():
             return scaled_dot_product_attention(q, None, None, tq, scale, None)
 
-        row = [per_call_us(f, args.calls, args.rounds) for f in (attend_fp16, attend_tq)]
+        def attend_tq_per_lane():  # the kernel without tensor cores (what Metal runs)
+            kernels.TENSOR_CORES = False
+            try:
+                return attend_tq()
+            finally:
+                kernels.TENSOR_CORES = True
+
+        attends = (attend_fp16, attend_tq, attend_tq_per_lane)
+        row = [per_call_us(f, args.calls, args.rounds) for f in attends]
+        row += [eval_us(f, args.calls, args.rounds) for f in attends[:2]]
+        groups_row = []
+        default_groups = kernels.TARGET_GROUPS
+        for groups in args.groups:
+            kernels.TARGET_GROUPS = groups
+            try:
+                groups_row.append(eval_us(attend_tq, args.calls, args.rounds))
+            finally:
+                kernels.TARGET_GROUPS = default_groups
         row += [per_call_us(update(c), args.calls, args.rounds) for c in (fp16, tq)]
         # Graph building of a layer's step: the update, then the attention.
         row += [
@@ -116,7 +157,8 @@ def main():
         ]
         lines.append(
             f"| {context} | {row[0]:.1f} | {row[1]:.1f} | {row[1] / row[0]:.2f}x | "
-            f"{row[2]:.1f} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} |"
+            + " | ".join(f"{x:.1f}" for x in row[2:] + groups_row)
+            + " |"
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines)

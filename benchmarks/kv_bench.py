@@ -2,7 +2,8 @@
 
 For each (batch, context, config): prefill tok/s, decode tok/s, KV bytes and MLX peak
 memory, measured in this one process (configs interleaved per round, medians over
-rounds, after an untimed warm-up; peak memory reset before every run). On the GPU use
+rounds, after an untimed warm-up; the first decode step of a run is not timed; peak
+memory reset before every run). On the GPU use
 `--rounds 3` or more: a new context length can still trigger a kernel compile in the
 first round. Decoding is greedy over `batch` sequences
 at once, straight through the model and the cache, so what is measured is the cache.
@@ -82,6 +83,10 @@ def run(
         y = mx.argmax(logits[:, -1], axis=-1)
         mx.eval(y)
         prefill_s = float("nan") if synthetic else time.perf_counter() - tic
+        # One untimed step first, as mlx_lm's generation tok/s leaves out the first
+        # token: it may compile kernels for a new shape.
+        y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+        mx.eval(y)
         tic = time.perf_counter()
         for _ in range(gen):
             y = mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)

@@ -26,7 +26,7 @@ has real && [ -f real_kv.npz ] && step 150 real_check.txt python3 benchmarks/rea
 has attention && step 150 attention.md python3 benchmarks/attention_bench.py --contexts 4096 32768 131072 \
   --rounds 5 --output "$out/attention_table.md"
 has kv1 && step 300 kv_b1.txt python3 benchmarks/kv_bench.py --model random:qwen2.5-7b \
-  --contexts 4096 32768 131072 --batches 1 --gen 16 --rounds 2 \
-  --configs fp16 tq3 tq4 tq3-plain --synthetic-from 65536 --output "$out/kv_b1"
+  --contexts 4096 32768 131072 --batches 1 --gen 24 --rounds 3 \
+  --configs fp16 tq3 tq4 --synthetic-from 65536 --output "$out/kv_b1"
 has kv8 && step 150 kv_b8.txt python3 benchmarks/kv_bench.py --model random:qwen2.5-7b --contexts 32768 \
-  --batches 8 --gen 16 --rounds 2 --configs fp16 tq3 --synthetic-from 32768 --output "$out/kv_b8"
+  --batches 8 --gen 16 --rounds 3 --configs fp16 tq3 --synthetic-from 32768 --output "$out/kv_b8"

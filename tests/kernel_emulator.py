@@ -33,6 +33,7 @@ SHIM = r"""
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -91,6 +92,59 @@ inline int min(int a, int b) { return std::min(a, b); }
 using std::sqrt;
 typedef _Float16 __half;
 typedef float __nv_bfloat16;  // bfloat16 arrays arrive as float32 (C_TYPES)
+inline float __shfl_sync(unsigned, float x, int src) {
+  const int t = threadIdx.x;
+  __syncwarp();
+  tq_exchange[t] = x;
+  __syncwarp();
+  return tq_exchange[(t & ~31) | (src & 31)];
+}
+inline uint32_t tq_half_bits(__half h) {
+  uint16_t x;
+  std::memcpy(&x, &h, 2);
+  return x;
+}
+inline float tq_half_value(uint32_t bits) {
+  const uint16_t x = static_cast<uint16_t>(bits);
+  __half h;
+  std::memcpy(&h, &x, 2);
+  return static_cast<float>(h);
+}
+inline uint32_t tq_halves_bits(__half lo, __half hi) {
+  return tq_half_bits(lo) | (tq_half_bits(hi) << 16);
+}
+inline uint32_t tq_half2_bits(float lo, float hi) {
+  return tq_halves_bits(static_cast<__half>(lo), static_cast<__half>(hi));
+}
+inline float tq_round_half(float x) { return static_cast<float>(static_cast<__half>(x)); }
+// mma.sync m16n8k16 (f32 += f16 x f16) over the warp: every lane posts its fragment
+// registers, then sums its own four outputs (PTX fragment layouts; float32 sums).
+static uint32_t tq_mma_a[1024][4];
+static uint32_t tq_mma_b[1024][2];
+template <typename C, typename A, typename B>
+void tq_mma(C c, A a, B b) {
+  const int t = threadIdx.x;
+  const int w0 = t & ~31;
+  __syncwarp();
+  for (int i = 0; i < 4; i++) tq_mma_a[t][i] = a[i];
+  for (int i = 0; i < 2; i++) tq_mma_b[t][i] = b[i];
+  __syncwarp();
+  const int g = (t & 31) >> 2, q = t & 3;
+  for (int e = 0; e < 4; e++) {
+    const int row = g + (e >= 2 ? 8 : 0), col = 2 * q + (e & 1);
+    float sum = 0.0f;
+    for (int k = 0; k < 16; k++) {
+      const int a_lane = w0 + (row & 7) * 4 + ((k & 7) >> 1);
+      const int a_reg = (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0);
+      const int b_lane = w0 + col * 4 + ((k & 7) >> 1);
+      const int b_reg = k >= 8 ? 1 : 0;
+      const float x = tq_half_value(tq_mma_a[a_lane][a_reg] >> (16 * (k & 1)));
+      const float y = tq_half_value(tq_mma_b[b_lane][b_reg] >> (16 * (k & 1)));
+      sum += x * y;
+    }
+    c[e] += sum;
+  }
+}
 """
 
 C_TYPES = {

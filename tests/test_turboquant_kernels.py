@@ -314,10 +314,14 @@ if pytest is not None:
         kernel_emulator.register()
         return "emulate"
 
+    @pytest.mark.parametrize("tensor_cores", [True, False], ids=["mma", "per-lane"])
     @pytest.mark.parametrize("c", EMULATED_CASES)
-    def test_emulated_kernel_matches_reference(c, emulated):
+    def test_emulated_kernel_matches_reference(c, tensor_cores, emulated, monkeypatch):
         """The CUDA kernel source, run on the CPU (one thread per GPU thread), against
-        the reference: this CI's check of the kernels' logic, which Metal shares."""
+        the reference: this CI's check of the kernels' logic, both the tensor-core path
+        (mma.sync emulated from its fragment layouts) and the per-lane one, which Metal
+        runs."""
+        monkeypatch.setattr(kernels, "TENSOR_CORES", tensor_cores)
         _check_case(c, emulated)
 
     @pytest.mark.slow
@@ -431,6 +435,9 @@ inline void simdgroup_barrier(mem_flags) {}
 typedef unsigned short ushort;
 typedef unsigned long ulong;
 inline float simd_shuffle_xor(float x, ushort) { return x; }
+inline float simd_shuffle(float x, ushort) { return x; }
+template <typename T, typename U>
+T as_type(U) { return T(); }
 inline unsigned clz(unsigned x) { return x; }
 namespace metal { namespace fast { inline float exp(float x) { return std::exp(x); } } }
 using std::max;
@@ -441,6 +448,10 @@ struct half {
   half() = default;
   half(float) : bits(0) {}
   operator float() const { return 0.0f; }
+};
+struct half2 {
+  half2(float, float) {}
+  half2(half, half) {}
 };
 """
 
@@ -467,6 +478,12 @@ struct __half {
   __half(float) : bits(0) {}
   operator float() const { return 0.0f; }
 };
+inline float __shfl_sync(unsigned, float x, int) { return x; }
+inline uint32_t tq_half2_bits(float, float) { return 0; }
+inline uint32_t tq_halves_bits(__half, __half) { return 0; }
+inline float tq_round_half(float x) { return x; }
+template <typename C, typename A, typename B>
+void tq_mma(C c, A a, B b) { c[0] += static_cast<float>(a[0] + b[0]); }
 """
 
 INPUT_TYPES = dict(
@@ -513,7 +530,8 @@ PARTIAL_TEMPLATES = [
         CAUSAL=0,
         ROT=1,
         HKV=4,
-        STAGE=1,
+        STAGE=0,
+        MMA=1,
     ),
     dict(
         D=64,
@@ -533,6 +551,7 @@ PARTIAL_TEMPLATES = [
         ROT=0,
         HKV=2,
         STAGE=1,
+        MMA=0,
     ),
     dict(
         D=256,
@@ -552,6 +571,7 @@ PARTIAL_TEMPLATES = [
         ROT=1,
         HKV=1,
         STAGE=0,
+        MMA=0,
     ),
 ]
 QUANTIZE_TEMPLATES = [

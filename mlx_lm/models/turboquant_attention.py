@@ -32,7 +32,7 @@ def turboquant_scaled_dot_product_attention(
     included. Decode-sized query blocks go to the fused kernel where one runs
     (`turboquant_kernels`); everything else, and every CPU call, to the reference below."""
     backend = fused_backend()
-    if backend is not None and supports(queries, cache, mask):
+    if backend is not None and supports(queries, cache, mask, backend):
         return fused_decode_attention(queries, cache, scale, mask, backend)
     if getattr(cache, "recent_keys", None) is not None:
         return windowed_attention(queries, cache, scale, mask)

@@ -102,6 +102,13 @@ _EMPTY = mx.zeros((0,), dtype=mx.float16)  # an absent array in a saved state
 _ZERO = mx.zeros((1,), dtype=mx.int32)
 
 
+def _half_exact(centroids) -> mx.array:
+    """A codebook as float32 values that float16 holds exactly: the tensor-core kernel
+    reads centroids from float16 pair tables, and so the reference reads the same values
+    (rounding moves a centroid by at most 2^-12 of itself)."""
+    return mx.array(centroids, dtype=mx.float16).astype(mx.float32)
+
+
 def window_flush(uncoded: int, window: int) -> int:
     """How many of `uncoded` float16 tokens to code now with an FP16 window of `window`
     (W): none while at most 2W, else all but the newest W. Coding a block at a time keeps
@@ -273,8 +280,8 @@ class TurboQuantCodec:
         d = self.head_dim
         self.key_signs = rotation_signs(d, self.seed, self.layer_idx, "k")
         self.value_signs = rotation_signs(d, self.seed, self.layer_idx, "v")
-        self.key_centroids = mx.array(lloyd_max_codebook(self.key_bits, d), dtype=mx.float32)
-        self.value_centroids = mx.array(lloyd_max_codebook(self.value_bits, d), dtype=mx.float32)
+        self.key_centroids = _half_exact(lloyd_max_codebook(self.key_bits, d))
+        self.value_centroids = _half_exact(lloyd_max_codebook(self.value_bits, d))
 
     def _codec_meta(self):
         """The settings a saved cache records (read back by `_set_codec_meta`)."""

@@ -13,6 +13,17 @@ For each (batch, KV head, block of query rows, split of the context) a thread gr
    o += p_j m_j c'[idx_jd];
 3. merges its warps. One more split reads the float16 window (FP16 keys and values).
 
+On CUDA (power-of-two head_dim, codes of at most 4 bits) step 2 runs on tensor cores
+(`tensor_cores`, template MMA): per 32 tokens a warp computes S = Π(q∘σ_s) Ĉᵀ with
+mma.sync m16n8k16 (query rows x tokens; the query in float16 hi + lo parts, so it
+keeps float32 precision), its B fragments decoded straight from the packed words
+through a table of float16 centroid pairs (two codes, one lookup), then Oᵀ += Ĉ'ᵀ Pᵀ,
+whose B fragments are the probability tiles as the first product leaves them. Centroids
+are float16-exact (`TurboQuantCodec._derive`), so the pair tables hold them as they are.
+Measured on the H200 (Qwen2.5-7B shapes, one layer's attention): 128K 115-125 µs against
+200 µs per lane, 8 x 32K 211-228 µs against 405 µs. Metal has no such instruction in this
+source and runs the per-lane path.
+
 A second small kernel merges the splits (flash-decoding), rotates the codes' part back
 (Π⁻¹, the same butterfly), adds the window's part and writes the model's dtype. Nothing
 is dequantized into memory: per token the kernel reads the packed words and two float16
@@ -45,6 +56,9 @@ MAX_ACCUMULATORS = 64
 SHARED_BYTES = 32 * 1024
 # Threads per group: NT / 32 warps, each an independent flash-decoding worker.
 THREADS = 128
+# Score and sum on tensor cores where the backend has them (`tensor_cores`); tests turn
+# this off to check the per-lane path, which Metal runs.
+TENSOR_CORES = True
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
 # least MIN_TOKENS_PER_SPLIT tokens. Measured on the H200 (Qwen2.5-7B shapes, µs per
@@ -63,8 +77,34 @@ CUDA_PRELUDE = """
 #define TQ_OUT(T) T*
 #define TQ_FN __device__ inline
 #define TQ_EXP(x) __expf(x)
+#define TQ_SHFL(x, l) __shfl_sync(0xffffffffu, x, l)
 typedef __half half_t;
 typedef unsigned long long tq_u64;
+struct alignas(16) tq_frag {  // four fragment registers: one 16-byte shared load
+  uint32_t x, y, z, w;
+};
+#if defined(__CUDACC__)  // NVRTC; the CPU emulator and the syntax check bring their own
+// c += a b: one warp's m16n8k16 tensor-core product (PTX mma.sync), float16 a [16 x 16]
+// and b [16 x 8] in the PTX fragment layouts, float32 sums.
+template <typename C, typename A, typename B>
+TQ_FN void tq_mma(C c, A a, B b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// Two floats rounded to float16, as the bits of a half2 (lo in the low 16 bits).
+TQ_FN uint32_t tq_half2_bits(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+TQ_FN uint32_t tq_halves_bits(half_t lo, half_t hi) {
+  return static_cast<uint32_t>(__half_as_ushort(lo)) |
+         (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
+}
+TQ_FN float tq_round_half(float x) { return __half2float(__float2half_rn(x)); }
+#endif
 """
 
 METAL_PRELUDE = """
@@ -77,8 +117,18 @@ METAL_PRELUDE = """
 #define TQ_OUT(T) device T*
 #define TQ_FN inline
 #define TQ_EXP(x) metal::fast::exp(x)
+#define TQ_SHFL(x, l) simd_shuffle(x, (ushort)(l))
 typedef half half_t;
 typedef ulong tq_u64;
+struct tq_frag {
+  uint32_t x, y, z, w;
+};
+TQ_FN uint32_t tq_half2_bits(float lo, float hi) { return as_type<uint32_t>(half2(lo, hi)); }
+TQ_FN uint32_t tq_halves_bits(half_t lo, half_t hi) { return as_type<uint32_t>(half2(lo, hi)); }
+TQ_FN float tq_round_half(float x) { return static_cast<float>(static_cast<half>(x)); }
+// No tensor-core product here: the host sets MMA = 0 on Metal (the per-lane path runs).
+template <typename C, typename A, typename B>
+TQ_FN void tq_mma(C c, A a, B b) {}
 """
 
 # Thread and group ids: the only lines of the body that differ per backend (MLX detects
@@ -118,6 +168,24 @@ TQ_FN void tq_codes(Words words, int first, int bits, Codes codes) {
   for (int i = 0; i < N; i++) {
     codes[i] = static_cast<uint32_t>(x >> (i * bits)) & ((1u << bits) - 1u);
   }
+}
+
+// Bits [bit0, bit0 + NBITS) of a little-endian word stream as words out[0..NW) (bit 0 of
+// out[0] = bit bit0 of the stream), reading only the words that hold them; out[NW] = 0,
+// so that tq_code may read one word past a field.
+template <int NBITS, typename Words, typename Out>
+TQ_FN void tq_stream(Words words, int bit0, Out out) {
+  constexpr int NW = (NBITS + 31) / 32;
+  const int w = bit0 >> 5;
+  const int shift = bit0 & 31;
+  const int last = (bit0 + NBITS - 1) >> 5;
+#pragma unroll
+  for (int i = 0; i < NW; i++) {
+    const uint32_t lo = words[w + i];
+    const uint32_t hi = w + i + 1 <= last ? words[w + i + 1] : 0u;
+    out[i] = shift ? (lo >> shift) | (hi << (32 - shift)) : lo;
+  }
+  out[NW] = 0u;
 }
 
 // Sum and max over the 32 lanes of a warp (a Metal SIMD group); every lane gets them.
@@ -196,6 +264,15 @@ PARTIAL_BODY = """
   constexpr int DPL = D / 32;
   constexpr int CH = DPL % 4 == 0 ? 4 : (DPL % 2 == 0 ? 2 : 1);
   constexpr int CHUNKS = (R + RC - 1) / RC;
+  // MMA layout: k-tiles of 16 dims; a quad's lane t holds key dims [t QD, (t + 1) QD)
+  // (B fragments), lane group g value dims [g VD, (g + 1) VD) (A fragments); ROWT
+  // tiles of 8 query rows.
+  constexpr int KT = D / 16;
+  constexpr int QD = D / 4;
+  constexpr int VD = D / 8;
+  constexpr int ROWT = RC > 8 ? 2 : 1;
+  constexpr int KSW = (QD * KB + 31) / 32;
+  constexpr int VSW = (VD * VB + 31) / 32;
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
   const int coded = static_cast<int>(params[0]);
@@ -220,18 +297,32 @@ PARTIAL_BODY = """
   TQ_SHARED float qm[RC];
   TQ_SHARED float key_cb[1 << KB];
   TQ_SHARED float value_cb[1 << VB];
-  TQ_SHARED float probs[NT * RC];
+  TQ_SHARED float probs[MMA ? 1 : NT * RC];
   TQ_SHARED float warp_m[NW * RC];
   TQ_SHARED float warp_l[NW * RC];
   // STAGE: each warp copies its 32 tokens' words here with coalesced loads first (a
   // lane's own loads would be strided, and values are read token after token).
   TQ_SHARED uint32_t key_stage[STAGE ? NT * (KW | 1) : 1];
   TQ_SHARED uint32_t value_stage[STAGE ? NT * VW : 1];
+  // MMA (tensor cores, CUDA): the rows' queries as float16 A fragments, hi and lo parts
+  // (q = hi + lo to ~2^-22), and float16 centroid pairs indexed by two codes.
+  TQ_SHARED tq_frag qfrag[MMA ? 2 * KT * 32 : 1];
+  TQ_SHARED uint32_t key_pairs[MMA ? 1 << (2 * KB) : 1];
+  TQ_SHARED uint32_t value_pairs[MMA ? 1 << (2 * VB) : 1];
   for (int i = tq_tid; i < (1 << KB); i += NT) {
     key_cb[i] = key_codebook[i];
   }
   for (int i = tq_tid; i < (1 << VB); i += NT) {
     value_cb[i] = value_codebook[i];
+  }
+  if (MMA) {
+    for (int i = tq_tid; i < (1 << (2 * KB)); i += NT) {
+      key_pairs[i] = tq_half2_bits(key_codebook[i & ((1 << KB) - 1)], key_codebook[i >> KB]);
+    }
+    for (int i = tq_tid; i < (1 << (2 * VB)); i += NT) {
+      value_pairs[i] =
+          tq_half2_bits(value_codebook[i & ((1 << VB) - 1)], value_codebook[i >> VB]);
+    }
   }
 
   // The slots each row reads in this group's part (codes or window), and their union.
@@ -254,6 +345,19 @@ PARTIAL_BODY = """
     hi = min(hi, (split + 1) * per_split);
   }
 
+  float mr[2] = {-INFINITY, -INFINITY};  // MMA: rows g and g + 8 of the lane's quad
+  float lr[2] = {0.0f, 0.0f};
+  float oacc[MMA ? ROWT : 1][MMA ? KT : 1][4];
+#pragma unroll
+  for (int rt = 0; rt < (MMA ? ROWT : 1); rt++) {
+#pragma unroll
+    for (int mt = 0; mt < (MMA ? KT : 1); mt++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        oacc[rt][mt][e] = 0.0f;
+      }
+    }
+  }
   float m[RC];
   float l[RC];
   float acc[RC][DPL];
@@ -332,10 +436,246 @@ PARTIAL_BODY = """
         qm[i] = dot;
       }
     }
+    // MMA: A fragment registers of rows g, g + 8 (dims of k-tile kt as the B side
+    // holds them: quad lane t takes t QD + 4 kt + {0, 1} and {2, 3}).
+    if (MMA) {
+      for (int i = tq_tid; i < KT * 32; i += NT) {
+        const int kt = i / 32;
+        const int g = (i % 32) >> 2;
+        const int t = i & 3;
+        uint32_t hi[4];
+        uint32_t lo[4];
+        for (int r = 0; r < 4; r++) {
+          const int row = g + 8 * (r & 1);
+          const int dim = t * QD + 4 * kt + 2 * (r >> 1);
+          const float x0 = row < RC ? qs[row * D + dim] : 0.0f;
+          const float x1 = row < RC ? qs[row * D + dim + 1] : 0.0f;
+          hi[r] = tq_half2_bits(x0, x1);
+          lo[r] = tq_half2_bits(x0 - tq_round_half(x0), x1 - tq_round_half(x1));
+        }
+        qfrag[i].x = hi[0];
+        qfrag[i].y = hi[1];
+        qfrag[i].z = hi[2];
+        qfrag[i].w = hi[3];
+        qfrag[KT * 32 + i].x = lo[0];
+        qfrag[KT * 32 + i].y = lo[1];
+        qfrag[KT * 32 + i].z = lo[2];
+        qfrag[KT * 32 + i].w = lo[3];
+      }
+    }
     TQ_SYNC();
 
-    // (b) 32 tokens per warp at a time.
-    for (int base = pass_lo + warp * 32; base < pass_hi; base += NT) {
+    // (b, MMA) 32 tokens per warp at a time on tensor cores: S = Q Kᵀ in 4 tiles of 8
+    // tokens (lane g, t: S rows g, g + 8, tokens 2t, 2t + 1 of each tile), the online
+    // softmax per row (quad shuffles), then Oᵀ += Vᵀ Pᵀ in 2 tiles of 16 tokens, whose
+    // B fragments are the P tiles as they lie (value dims g VD + 2 mt, + 1 as A rows g,
+    // g + 8 of m-tile mt).
+    for (int base = pass_lo + warp * 32; MMA && base < pass_hi; base += NT) {
+      const int g = lane >> 2;
+      const int t = lane & 3;
+      // Every load of the iteration first (one wait on memory, not three): the key
+      // words of the lane's B-side tokens, the value words of its A-side tokens (u =
+      // 0..3 of k-tile kt2: 2t, 2t + 1, 2t + 8, 2t + 9) and the norms of its C-side ones.
+      uint32_t ks[4][KSW + 1];
+      uint32_t vs[2][4][VSW + 1];
+      float kn[4][2];
+      float vn[4][2];
+      bool live[4][2];
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+        const int j = base + nt * 8 + g;
+#pragma unroll
+        for (int w = 0; w <= KSW; w++) {
+          ks[nt][w] = 0u;
+        }
+        if (!in_window && j < pass_hi) {
+          tq_stream<QD * KB>(packed_keys + ((size_t)bh * cap + j) * KW, t * QD * KB, ks[nt]);
+        }
+      }
+#pragma unroll
+      for (int kt2 = 0; kt2 < 2; kt2++) {
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          const int j = base + 16 * kt2 + 2 * t + (u & 1) + 8 * (u >> 1);
+#pragma unroll
+          for (int w = 0; w <= VSW; w++) {
+            vs[kt2][u][w] = 0u;
+          }
+          if (!in_window && j < pass_hi) {
+            tq_stream<VD * VB>(packed_values + ((size_t)bh * cap + j) * VW, g * VD * VB,
+                               vs[kt2][u]);
+          }
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int j = base + nt * 8 + 2 * t + e;
+          bool ok = j < pass_hi;
+          if (RING && by_segment && ok) {
+            ok = static_cast<int>(segments[j]) == s;
+          }
+          live[nt][e] = ok;
+          kn[nt][e] = ok && !in_window ? static_cast<float>(key_norms[(size_t)bh * cap + j]) : 1.0f;
+          vn[nt][e] = ok && !in_window ? static_cast<float>(value_norms[(size_t)bh * cap + j])
+                                       : 1.0f;
+        }
+      }
+      // S, with the hi and lo query parts in separate sums (two short chains of
+      // dependent products instead of one long one).
+      float sv[4][4];
+      float sl[4][4];
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          sv[nt][e] = 0.0f;
+          sl[nt][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int kt = 0; kt < KT; kt++) {
+        const tq_frag qh = qfrag[kt * 32 + lane];
+        const tq_frag ql = qfrag[(KT + kt) * 32 + lane];
+        const uint32_t a_hi[4] = {qh.x, qh.y, qh.z, qh.w};
+        const uint32_t a_lo[4] = {ql.x, ql.y, ql.z, ql.w};
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+          uint32_t b[2] = {0u, 0u};
+          const int j = base + nt * 8 + g;
+          if (in_window) {
+            if (j < pass_hi) {
+              auto k = window_keys + ((size_t)bh * n_window + j - first) * D + t * QD + 4 * kt;
+              b[0] = tq_halves_bits(static_cast<half_t>(k[0]), static_cast<half_t>(k[1]));
+              b[1] = tq_halves_bits(static_cast<half_t>(k[2]), static_cast<half_t>(k[3]));
+            }
+          } else {
+            b[0] = key_pairs[tq_code(ks[nt], 2 * kt, 2 * KB)];
+            b[1] = key_pairs[tq_code(ks[nt], 2 * kt + 1, 2 * KB)];
+          }
+          tq_mma(sv[nt], a_hi, b);
+          tq_mma(sl[nt], a_lo, b);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          sv[nt][e] += sl[nt][e];
+        }
+      }
+      float alpha[2] = {1.0f, 1.0f};
+      uint32_t pb[4][2];
+#pragma unroll
+      for (int h = 0; h < ROWT; h++) {
+        const int i = g + 8 * h;
+        const int t_row = slots - L + (min(r0 + i, R - 1) % L);
+        const int bound = WIN ? start : (CAUSAL ? t_row + 1 : coded);
+        const int row_lo = in_window ? bound : pad;
+        const int row_hi = in_window ? t_row + 1 : min(bound, coded);
+        const float mean_dot = i < RC ? qm[i] : 0.0f;
+        float x[4][2];
+        float top = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            const int j = base + nt * 8 + 2 * t + e;
+            const bool ok = i < RC && live[nt][e] && j >= row_lo && j < row_hi;
+            x[nt][e] = ok ? sc * (kn[nt][e] * sv[nt][2 * h + e] + mean_dot) : -INFINITY;
+            top = max(top, x[nt][e]);
+          }
+        }
+        top = max(top, TQ_SHFL_XOR(top, 1));
+        top = max(top, TQ_SHFL_XOR(top, 2));
+        const float m_new = max(mr[h], top);
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {
+          float p[2];
+#pragma unroll
+          for (int e = 0; e < 2; e++) {
+            p[e] = m_new == -INFINITY ? 0.0f : TQ_EXP(x[nt][e] - m_new);
+            sum += p[e];
+          }
+          pb[nt][h] = tq_half2_bits(p[0] * vn[nt][0], p[1] * vn[nt][1]);
+        }
+        sum += TQ_SHFL_XOR(sum, 1);
+        sum += TQ_SHFL_XOR(sum, 2);
+        if (m_new != -INFINITY) {
+          alpha[h] = TQ_EXP(mr[h] - m_new);
+          lr[h] = lr[h] * alpha[h] + sum;
+          mr[h] = m_new;
+        }
+      }
+      // Rescale Oᵀ: its columns 2t, 2t + 1 of row tile rt are rows 8 rt + 2t (+ 1),
+      // whose factor lane 4 (2t (+ 1)) holds.
+#pragma unroll
+      for (int rt = 0; rt < ROWT; rt++) {
+        const float a0 = TQ_SHFL(alpha[rt], 8 * t);
+        const float a1 = TQ_SHFL(alpha[rt], 8 * t + 4);
+#pragma unroll
+        for (int mt = 0; mt < KT; mt++) {
+          oacc[rt][mt][0] *= a0;
+          oacc[rt][mt][1] *= a1;
+          oacc[rt][mt][2] *= a0;
+          oacc[rt][mt][3] *= a1;
+        }
+      }
+#pragma unroll
+      for (int kt2 = 0; kt2 < 2; kt2++) {
+        // The lane's tokens of this k-tile: u = 0..3 -> 2t, 2t + 1, 2t + 8, 2t + 9.
+        bool vlive[4];
+        int vj[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+          vj[u] = base + 16 * kt2 + 2 * t + (u & 1) + 8 * (u >> 1);
+          vlive[u] = vj[u] < pass_hi;
+        }
+        uint32_t b[2][2];
+#pragma unroll
+        for (int rt = 0; rt < ROWT; rt++) {
+          b[rt][0] = pb[2 * kt2][rt];
+          b[rt][1] = pb[2 * kt2 + 1][rt];
+        }
+#pragma unroll
+        for (int mt = 0; mt < KT; mt++) {
+          uint32_t a[4];
+          if (in_window) {
+            const int d = g * VD + 2 * mt;
+            half_t x[4][2];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+              auto v = window_values + ((size_t)bh * n_window + vj[u] - first) * D + d;
+              x[u][0] = static_cast<half_t>(vlive[u] ? static_cast<float>(v[0]) : 0.0f);
+              x[u][1] = static_cast<half_t>(vlive[u] ? static_cast<float>(v[1]) : 0.0f);
+            }
+            a[0] = tq_halves_bits(x[0][0], x[1][0]);
+            a[1] = tq_halves_bits(x[0][1], x[1][1]);
+            a[2] = tq_halves_bits(x[2][0], x[3][0]);
+            a[3] = tq_halves_bits(x[2][1], x[3][1]);
+          } else {
+            constexpr uint32_t M = (1u << VB) - 1u;
+            uint32_t f[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+              f[u] = tq_code(vs[kt2][u], mt, 2 * VB);
+            }
+            a[0] = value_pairs[(f[0] & M) | ((f[1] & M) << VB)];
+            a[1] = value_pairs[(f[0] >> VB) | ((f[1] >> VB) << VB)];
+            a[2] = value_pairs[(f[2] & M) | ((f[3] & M) << VB)];
+            a[3] = value_pairs[(f[2] >> VB) | ((f[3] >> VB) << VB)];
+          }
+#pragma unroll
+          for (int rt = 0; rt < ROWT; rt++) {
+            tq_mma(oacc[rt][mt], a, b[rt]);
+          }
+        }
+      }
+    }
+    // (b) Without MMA: 32 tokens per warp at a time, a token per lane for the scores.
+    for (int base = pass_lo + warp * 32; !MMA && base < pass_hi; base += NT) {
       const int j = base + lane;
       const int n = min(32, pass_hi - base);
       if (STAGE && !in_window) {
@@ -441,7 +781,17 @@ PARTIAL_BODY = """
 
   // Merge the warps: rescale each to the group's max, sum in shared memory.
   TQ_SYNC();
-  if (lane == 0) {
+  if (MMA && (lane & 3) == 0) {
+#pragma unroll
+    for (int h = 0; h < ROWT; h++) {
+      const int i = (lane >> 2) + 8 * h;
+      if (i < RC) {
+        warp_m[warp * RC + i] = mr[h];
+        warp_l[warp * RC + i] = lr[h];
+      }
+    }
+  }
+  if (!MMA && lane == 0) {
     for (int i = 0; i < RC; i++) {
       warp_m[warp * RC + i] = m[i];
       warp_l[warp * RC + i] = l[i];
@@ -452,7 +802,32 @@ PARTIAL_BODY = """
   }
   TQ_SYNC();
   for (int w = 0; w < NW; w++) {
-    if (warp == w) {
+    if (MMA && warp == w) {
+      // Oᵀ fragment: c0, c1 = dim g VD + 2 mt, rows 8 rt + 2t, + 1; c2, c3 = the next dim.
+      const int g = lane >> 2;
+      const int t = lane & 3;
+#pragma unroll
+      for (int rt = 0; rt < ROWT; rt++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+          const int i = 8 * rt + 2 * t + e;
+          if (i < RC) {
+            float top = -INFINITY;
+            for (int u = 0; u < NW; u++) {
+              top = max(top, warp_m[u * RC + i]);
+            }
+            const float mi = warp_m[w * RC + i];
+            const float f = mi == -INFINITY ? 0.0f : TQ_EXP(mi - top);
+#pragma unroll
+            for (int mt = 0; mt < KT; mt++) {
+              qs[i * D + g * VD + 2 * mt] += f * oacc[rt][mt][e];
+              qs[i * D + g * VD + 2 * mt + 1] += f * oacc[rt][mt][2 + e];
+            }
+          }
+        }
+      }
+    }
+    if (!MMA && warp == w) {
       for (int i = 0; i < RC; i++) {
         float top = -INFINITY;
         for (int u = 0; u < NW; u++) {
@@ -810,20 +1185,39 @@ class KernelView(NamedTuple):
     rows: Tuple[int, ...]
 
 
+def tensor_cores(backend: str, head_dim: int, key_bits: int, value_bits: int) -> bool:
+    """Whether the partial kernel scores and sums on tensor cores (MMA: CUDA's mma.sync,
+    float16 fragments, float32 sums): power-of-two head_dims of at least 16 (the kernel
+    rotates, and the float16 window arrives as stored), codes of at most 4 bits (pair
+    tables of 2^(2 bits) entries). Metal, and TENSOR_CORES = False, take the per-lane
+    path of the same source."""
+    flavour = KERNEL_MAKERS[backend][0]
+    short_codes = max(key_bits, value_bits) <= 4
+    return TENSOR_CORES and flavour == "cuda" and _rotates_inside(head_dim) and short_codes
+
+
 @lru_cache(maxsize=None)
-def _rows_per_group(rows: int, head_dim: int) -> int:
+def _rows_per_group(rows: int, head_dim: int, mma: bool = False) -> int:
     """Query rows one thread group takes: each lane keeps rows x head_dim / 32
-    accumulators in registers, at most MAX_ACCUMULATORS."""
-    return max(1, min(rows, MAX_ACCUMULATORS // (head_dim // 32)))
+    accumulators in registers, at most MAX_ACCUMULATORS (with MMA, at most two row
+    tiles of 8)."""
+    return max(1, min(rows, MAX_ACCUMULATORS // (head_dim // 32), 16 if mma else rows))
 
 
 @lru_cache(maxsize=None)
-def _shared_bytes(rows: int, head_dim: int, key_bits: int, value_bits: int, stage: bool) -> int:
+def _shared_bytes(
+    rows: int, head_dim: int, key_bits: int, value_bits: int, stage: bool, mma: bool = False
+) -> int:
     """Shared memory of a thread group: queries, probabilities, codebooks, per-warp
-    maxima and sums, and (`stage`) the warps' staged key and value words."""
+    maxima and sums, (`stage`) the warps' staged key and value words, and (`mma`) the
+    query fragments and centroid-pair tables."""
     kw, vw = packed_words(head_dim, key_bits), packed_words(head_dim, value_bits)
-    floats = rows * (head_dim + 1 + THREADS + 2 * (THREADS // 32)) + 2**key_bits + 2**value_bits
-    return 4 * (floats + (THREADS * ((kw | 1) + vw) if stage else 0))
+    probs = 0 if mma else THREADS
+    floats = rows * (head_dim + 1 + probs + 2 * (THREADS // 32)) + 2**key_bits + 2**value_bits
+    words = THREADS * ((kw | 1) + vw) if stage else 0
+    if mma:
+        words += 2 * head_dim // 16 * 32 * 4 + 4**key_bits + 4**value_bits
+    return 4 * (floats + words)
 
 
 @lru_cache(maxsize=None)
@@ -834,7 +1228,7 @@ def _stages(rows: int, head_dim: int, key_bits: int, value_bits: int) -> bool:
     return short and fits
 
 
-def supports(queries: mx.array, cache, mask) -> bool:
+def supports(queries: mx.array, cache, mask, backend: Optional[str] = None) -> bool:
     """Whether the fused decode kernel handles this call (else: the reference path)."""
     B, n_q_heads, L, D = queries.shape
     if L > MAX_QUERY_TOKENS or cache.head_dim != D or D % 32:
@@ -853,8 +1247,10 @@ def supports(queries: mx.array, cache, mask) -> bool:
         ok_mask = mask is None or (isinstance(mask, str) and mask == "causal")
     if not ok_mask:
         return False
-    rows = _rows_per_group(n_q_heads // cache.n_kv_heads * L, D)
-    return _shared_bytes(rows, D, cache.key_bits, cache.value_bits, False) <= SHARED_BYTES
+    backend = fused_backend() if backend is None else backend
+    mma = backend is not None and tensor_cores(backend, D, cache.key_bits, cache.value_bits)
+    rows = _rows_per_group(n_q_heads // cache.n_kv_heads * L, D, mma)
+    return _shared_bytes(rows, D, cache.key_bits, cache.value_bits, False, mma) <= SHARED_BYTES
 
 
 def _rotates_inside(head_dim: int) -> bool:
@@ -877,11 +1273,11 @@ def _params(values: tuple) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags):
+def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma):
     """The partial and merge kernels' template constants for one kind of call (built once:
     a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal)."""
     rows = n_q_heads // n_kv * L
-    per_group = _rows_per_group(rows, D)
+    per_group = _rows_per_group(rows, D, mma)
     rot = int(_rotates_inside(D))
     scaled, ring, win, causal = flags
     partial = [
@@ -901,7 +1297,8 @@ def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segmen
         ("CAUSAL", causal),
         ("ROT", rot),
         ("HKV", n_kv),
-        ("STAGE", int(_stages(per_group, D, key_bits, value_bits))),
+        ("STAGE", int(not mma and _stages(per_group, D, key_bits, value_bits))),
+        ("MMA", int(mma)),
     ]
     merge = [("D", D), ("R", rows), ("WIN", win), ("ROT", rot)]
     return partial, merge, -(-rows // per_group)
@@ -929,8 +1326,9 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     nseg = 0 if seg_mean is None else seg_mean.shape[2]
     key_bits, value_bits = cache.key_bits, cache.value_bits
     vw = view.packed_values.shape[-1]
+    mma = tensor_cores(backend, D, key_bits, value_bits)
     partial_template, merge_template, chunks = _decode_plan(
-        D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, cache.max_segment, flags
+        D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, cache.max_segment, flags, mma
     )
     groups = B * n_kv
     splits = max(1, min(-(-view.coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * chunks)))
