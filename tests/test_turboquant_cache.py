@@ -185,9 +185,15 @@ def test_key_centering_roundtrip_and_attention(tmp_path):
     assert trim_prompt_cache(cache, 100) == 100 and cache[0].segments_held == 2
     fresh = make_prompt_cache(model, turbo_kv_bits=4, turbo_fp16_window=0)
     model(seq[None, :100], cache=fresh)
-    for c in (cache, fresh):
-        last = [model(seq[None, a:b], cache=c) for a, b in [(100, 150), (150, 200)]][-1]
-        np.testing.assert_array_equal(np.array(last), np.array(a))
+    last = [
+        [model(seq[None, x:y], cache=c) for x, y in [(100, 150), (150, 200)]][-1]
+        for c in (cache, fresh)
+    ]
+    np.testing.assert_array_equal(np.array(last[0]), np.array(last[1]))
+    # Against the run that took positions 0..149 in one chunk: the same up to the
+    # rounding of other query-block shapes (on OpenBLAS a layer's values can differ in
+    # a last bit, and a float16 norm with them).
+    np.testing.assert_allclose(np.array(last[0]), np.array(a), atol=1e-2)
     # The means are added back: rotated-domain attention equals plain attention over the
     # returned (dequantized) keys.
     k = mx.random.normal((1, 2, 300, 64)) + 5.0
