@@ -1,0 +1,202 @@
+"""Registers, spills and shared memory of the fused decode kernels, as ptxas reports them.
+
+MLX compiles `mx.fast.cuda_kernel` sources with NVRTC and says nothing of what the
+compiler made of them. This script builds the same sources (the CUDA prelude, the shared
+header, a kernel body with its template constants written in, as `_specialised` does),
+compiles them for the GPU with `nvcc` where one is installed (no GPU needed: this CPU
+machine has CUDA 13's nvcc) or else with the NVRTC library that MLX's CUDA backend ships,
+and prints ptxas' report for each: registers, spills, shared memory. A kernel that spills
+to local memory, or holds so many registers that few thread groups fit on an SM, is slow
+however few instructions it runs. Where `cuobjdump` and `nvdisasm` are on the PATH (pip:
+nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) it also counts the SASS instructions of the
+tensor-core token loop (one warp's 32 tokens), by kind.
+
+    python benchmarks/kernel_resources.py [--arch sm_90] [--source-only]
+
+The kernels are those of a decode step with Qwen2.5-7B shapes (28 query / 4 KV heads,
+head_dim 128), TurboQuant 3 bits and the defaults, with and without tensor cores, and
+Gemma 3's head_dim 256. `--source-only` prints the translation units (this runs anywhere).
+"""
+
+import argparse
+import ctypes
+import glob
+import os
+import site
+import sys
+
+from mlx_lm.models import turboquant_kernels as kernels
+
+# How MLX passes each input: the arrays' dtypes in a decode call of the defaults.
+INPUT_TYPES = dict(
+    q="__half",
+    key_signs="float",
+    value_signs="float",
+    seg_scale="float",
+    seg_mean="float",
+    packed_keys="uint32_t",
+    key_norms="__half",
+    packed_values="uint32_t",
+    value_norms="__half",
+    segments="uint8_t",
+    window_keys="__half",
+    window_values="__half",
+    key_codebook="float",
+    value_codebook="float",
+    params="float",
+    partial_out="float",
+    partial_max="float",
+    partial_sum="float",
+    window_out="float",
+    window_max="float",
+    window_sum="float",
+    out="__half",
+)
+
+PREAMBLE = """
+#include <cuda_fp16.h>
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
+typedef unsigned char uint8_t;
+typedef int int32_t;
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+"""
+
+
+def decode_plans():
+    """(label, partial template) of the partial kernels a decode step of these shapes
+    launches; `_decode_plan`'s own constants, so this follows the code."""
+    plans = []
+    for label, D, n_q, n_kv, mma in [
+        ("qwen2.5-7b mma", 128, 28, 4, True),
+        ("qwen2.5-7b per-lane", 128, 28, 4, False),
+        ("gemma3 mma", 256, 4, 1, True),
+    ]:
+        kw = vw = D * 3 // 32
+        flags = (1, 0, 1, 0)  # key scaling, no ring, a float16 window, one query token
+        args = (D, n_q, n_kv, 1, 3, 3, kw, vw, 8, flags, mma)
+        try:
+            partial, _, _ = kernels._decode_plan(*args)
+            plans.append((label, partial))
+        except TypeError:  # a _decode_plan that also takes the launch's part
+            for part in (0, 1):
+                partial, _, _ = kernels._decode_plan(*args, part)
+                plans.append((f"{label} part {part}", partial))
+    return plans
+
+
+def translation_unit(template) -> str:
+    header, partial, _, _ = kernels.kernel_sources("cuda")
+    name, inputs, outputs = kernels.KERNELS[0]
+    consts = "".join(f"constexpr int {k} = {int(v)};\n" for k, v in template)
+    args = [f"const {INPUT_TYPES[n]}* {n}" for n in inputs]
+    args += [f"{INPUT_TYPES[n]}* {n}" for n in outputs]
+    return (
+        PREAMBLE
+        + header
+        + f'extern "C" __global__ void {name}({", ".join(args)}) {{\n{consts}{partial}}}\n'
+    )
+
+
+def find(patterns):
+    roots = site.getsitepackages() + [site.getusersitepackages(), "/usr/local/cuda"]
+    for root in roots:
+        for pattern in patterns:
+            hits = sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True))
+            if hits:
+                return hits[-1]
+    return None
+
+
+def nvcc_report(source: str, arch: str) -> str:
+    """ptxas' report from nvcc, and the SASS token-loop counts where cuobjdump runs."""
+    import collections
+    import re
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "kernel.cu"), os.path.join(tmp, "kernel.cubin")
+        with open(src, "w") as f:
+            f.write(source)
+        flags = [f"-arch={arch}", "-cubin", "-std=c++17", "-Xptxas", "-v", "-o", cubin, src]
+        r = subprocess.run([nvcc, *flags], capture_output=True, text=True)
+        report = r.stdout + r.stderr
+        if r.returncode or not shutil.which("cuobjdump"):
+            return report
+        sass = subprocess.run(["cuobjdump", "-sass", cubin], capture_output=True, text=True)
+    code = []
+    for line in sass.stdout.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2).strip()))
+    mma = [a for a, t in code if "HMMA" in t]
+    loop = None  # the shortest backward branch around every tensor-core product
+    for a, t in code:
+        m = re.search(r"BRA\s+0x([0-9a-f]+)", t)
+        if mma and m and int(m.group(1), 16) <= mma[0] and a >= mma[-1]:
+            if loop is None or a - int(m.group(1), 16) < loop[1] - loop[0]:
+                loop = (int(m.group(1), 16), a)
+    if loop is None:
+        return report + "no tensor-core loop in the SASS\n"
+    kinds = collections.Counter(
+        re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in code if loop[0] <= a <= loop[1]
+    )
+    top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(10))
+    return report + f"ptxas info    : token loop {sum(kinds.values())} SASS instructions: {top}\n"
+
+
+def compile_report(source: str, arch: str) -> str:
+    import shutil
+
+    if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return nvcc_report(source, arch)
+    lib = find(["libnvrtc.so*", "libnvrtc-builtins.so*"])
+    include = find(["cuda_fp16.h"])
+    if lib is None or include is None:
+        sys.exit(
+            f"NVRTC library or CUDA headers not found (libnvrtc: {lib}, cuda_fp16.h: {include})"
+        )
+    nvrtc = ctypes.CDLL(lib)
+    prog = ctypes.c_void_p()
+    err = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None)
+    assert err == 0, f"nvrtcCreateProgram: {err}"
+    options = [
+        f"--gpu-architecture={arch}",
+        "--std=c++17",
+        "--ptxas-options=-v",
+        f"-I{os.path.dirname(include)}",
+    ]
+    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+    status = nvrtc.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    text = log.value.decode(errors="replace")
+    return text if status == 0 else f"compile failed ({status}):\n{text}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="sm_90")
+    parser.add_argument("--source-only", action="store_true")
+    args = parser.parse_args()
+    for label, template in decode_plans():
+        source = translation_unit(template)
+        print(f"== {label}: " + ", ".join(f"{k}={v}" for k, v in template), flush=True)
+        if args.source_only:
+            print(source)
+            continue
+        report = compile_report(source, args.arch)
+        lines = [x for x in report.splitlines() if "ptxas" in x or "error" in x or "failed" in x]
+        print("\n".join(lines[-12:] or report.splitlines()[-12:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
