@@ -60,6 +60,27 @@ def build_us(f, calls: int, rounds: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def with_constants(f, variant: str):
+    """f with module constants of turboquant_kernels set while it builds its graph
+    ("NAME=VALUE,NAME=VALUE"; values are ints, 0/1 for flags)."""
+    settings = dict(item.split("=") for item in variant.split(","))
+    for name in settings:
+        if not hasattr(kernels, name):
+            raise SystemExit(f"--variant: turboquant_kernels has no constant {name}")
+
+    def g():
+        saved = {name: getattr(kernels, name) for name in settings}
+        for name, value in settings.items():
+            setattr(kernels, name, type(saved[name])(int(value)))
+        try:
+            return f()
+        finally:
+            for name, value in saved.items():
+                setattr(kernels, name, value)
+
+    return g
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
@@ -75,12 +96,12 @@ def main():
     p.add_argument("--calls", type=int, default=28, help="calls evaluated together")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument(
-        "--groups",
-        type=int,
-        nargs="*",
+        "--variant",
+        action="append",
         default=[],
-        help="also time the TurboQuant attention with these TARGET_GROUPS (thread groups "
-        "the context is split for)",
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="also time the TurboQuant attention (device time) with these constants of "
+        "turboquant_kernels set, e.g. TARGET_GROUPS=512 or TENSOR_CORES=0; repeatable",
     )
     p.add_argument("--output")
     args = p.parse_args()
@@ -97,8 +118,8 @@ def main():
         "",
         "| context | fp16 attention | tq attention | tq/fp16 | tq per-lane | fp16 eval "
         "| tq eval | fp16 update | tq update | fp16 build | tq build |"
-        + "".join(f" tq eval, {g} groups |" for g in args.groups),
-        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(args.groups),
+        + "".join(f" tq eval, {v} |" for v in args.variant),
+        "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(args.variant),
     ]
     for context in args.contexts:
         fp16 = KVCache()
@@ -141,14 +162,9 @@ def main():
         attends = (attend_fp16, attend_tq, attend_tq_per_lane)
         row = [per_call_us(f, args.calls, args.rounds) for f in attends]
         row += [eval_us(f, args.calls, args.rounds) for f in attends[:2]]
-        groups_row = []
-        default_groups = kernels.TARGET_GROUPS
-        for groups in args.groups:
-            kernels.TARGET_GROUPS = groups
-            try:
-                groups_row.append(eval_us(attend_tq, args.calls, args.rounds))
-            finally:
-                kernels.TARGET_GROUPS = default_groups
+        variants_row = [
+            eval_us(with_constants(attend_tq, v), args.calls, args.rounds) for v in args.variant
+        ]
         row += [per_call_us(update(c), args.calls, args.rounds) for c in (fp16, tq)]
         # Graph building of a layer's step: the update, then the attention.
         row += [
@@ -157,7 +173,7 @@ def main():
         ]
         lines.append(
             f"| {context} | {row[0]:.1f} | {row[1]:.1f} | {row[1] / row[0]:.2f}x | "
-            + " | ".join(f"{x:.1f}" for x in row[2:] + groups_row)
+            + " | ".join(f"{x:.1f}" for x in row[2:] + variants_row)
             + " |"
         )
         print(lines[-1], flush=True)
