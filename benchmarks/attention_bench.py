@@ -66,7 +66,10 @@ def with_constants(f, variant: str):
     settings = dict(item.split("=") for item in variant.split(","))
     for name in settings:
         if not hasattr(kernels, name):
-            raise SystemExit(f"--variant: turboquant_kernels has no constant {name}")
+            raise SystemExit(
+                f"--variant: turboquant_kernels has no constant {name}; give one of its "
+                "module constants, e.g. TARGET_GROUPS=512 or TENSOR_CORES=0."
+            )
 
     def g():
         saved = {name: getattr(kernels, name) for name in settings}
@@ -152,13 +155,8 @@ def main():
         def attend_tq():
             return scaled_dot_product_attention(q, None, None, tq, scale, None)
 
-        def attend_tq_per_lane():  # the kernel without tensor cores (what Metal runs)
-            kernels.TENSOR_CORES = False
-            try:
-                return attend_tq()
-            finally:
-                kernels.TENSOR_CORES = True
-
+        # The kernel without tensor cores: what Metal runs.
+        attend_tq_per_lane = with_constants(attend_tq, "TENSOR_CORES=0")
         attends = (attend_fp16, attend_tq, attend_tq_per_lane)
         row = [per_call_us(f, args.calls, args.rounds) for f in attends]
         row += [eval_us(f, args.calls, args.rounds) for f in attends[:2]]

@@ -3,13 +3,13 @@
 MLX compiles `mx.fast.cuda_kernel` sources with NVRTC and says nothing of what the
 compiler made of them. This script builds the same sources (the CUDA prelude, the shared
 header, a kernel body with its template constants written in, as `_specialised` does),
-compiles them for the GPU with `nvcc` where one is installed (no GPU needed: this CPU
-machine has CUDA 13's nvcc) or else with the NVRTC library that MLX's CUDA backend ships,
-and prints ptxas' report for each: registers, spills, shared memory. A kernel that spills
-to local memory, or holds so many registers that few thread groups fit on an SM, is slow
-however few instructions it runs. Where `cuobjdump` and `nvdisasm` are on the PATH (pip:
-nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) it also counts the SASS instructions of the
-tensor-core token loop (one warp's 32 tokens), by kind.
+compiles them for the GPU with `nvcc` (no GPU needed: this CPU machine has CUDA 13's nvcc
+in /usr/local/cuda/bin), and prints ptxas' report for each: registers, spills, shared
+memory. A kernel that spills to local memory, or holds so many registers that few thread
+groups fit on an SM, is slow however few instructions it runs. Where `cuobjdump` and
+`nvdisasm` are on the PATH (pip: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) it also
+counts the SASS instructions of the tensor-core token loop (one warp's 32 tokens), by
+kind.
 
     python benchmarks/kernel_resources.py [--arch sm_90] [--source-only]
 
@@ -19,39 +19,21 @@ Gemma 3's head_dim 256. `--source-only` prints the translation units (this runs 
 """
 
 import argparse
-import ctypes
-import glob
+import collections
 import os
-import site
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
-from mlx_lm.models import turboquant_kernels as kernels
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_turboquant_kernels import INPUT_TYPES  # noqa: E402 (the syntax check's table)
 
-# How MLX passes each input: the arrays' dtypes in a decode call of the defaults.
-INPUT_TYPES = dict(
-    q="__half",
-    key_signs="float",
-    value_signs="float",
-    seg_scale="float",
-    seg_mean="float",
-    packed_keys="uint32_t",
-    key_norms="__half",
-    packed_values="uint32_t",
-    value_norms="__half",
-    segments="uint8_t",
-    window_keys="__half",
-    window_values="__half",
-    key_codebook="float",
-    value_codebook="float",
-    params="float",
-    partial_out="float",
-    partial_max="float",
-    partial_sum="float",
-    window_out="float",
-    window_max="float",
-    window_sum="float",
-    out="__half",
-)
+from mlx_lm.models import turboquant_kernels as kernels  # noqa: E402
+
+# A decode call of the defaults: float16 queries, window and norms, uint8 ring segments.
+CUDA_TYPES = {"HALF": "__half", "SEG": "uint8_t", "out_t": "__half"}
 
 PREAMBLE = """
 #include <cuda_fp16.h>
@@ -77,13 +59,8 @@ def decode_plans():
         kw = vw = D * 3 // 32
         flags = (1, 0, 1, 0)  # key scaling, no ring, a float16 window, one query token
         args = (D, n_q, n_kv, 1, 3, 3, kw, vw, 8, flags, mma)
-        try:
-            partial, _, _ = kernels._decode_plan(*args)
-            plans.append((label, partial))
-        except TypeError:  # a _decode_plan that also takes the launch's part
-            for part in (0, 1):
-                partial, _, _ = kernels._decode_plan(*args, part)
-                plans.append((f"{label} part {part}", partial))
+        partial, _, _ = kernels._decode_plan(*args)
+        plans.append((label, partial))
     return plans
 
 
@@ -91,8 +68,8 @@ def translation_unit(template) -> str:
     header, partial, _, _ = kernels.kernel_sources("cuda")
     name, inputs, outputs = kernels.KERNELS[0]
     consts = "".join(f"constexpr int {k} = {int(v)};\n" for k, v in template)
-    args = [f"const {INPUT_TYPES[n]}* {n}" for n in inputs]
-    args += [f"{INPUT_TYPES[n]}* {n}" for n in outputs]
+    args = [f"const {CUDA_TYPES.get(INPUT_TYPES[n], INPUT_TYPES[n])}* {n}" for n in inputs]
+    args += [f"{CUDA_TYPES.get(INPUT_TYPES[n], INPUT_TYPES[n])}* {n}" for n in outputs]
     return (
         PREAMBLE
         + header
@@ -100,25 +77,19 @@ def translation_unit(template) -> str:
     )
 
 
-def find(patterns):
-    roots = site.getsitepackages() + [site.getusersitepackages(), "/usr/local/cuda"]
-    for root in roots:
-        for pattern in patterns:
-            hits = sorted(glob.glob(os.path.join(root, "**", pattern), recursive=True))
-            if hits:
-                return hits[-1]
-    return None
-
-
-def nvcc_report(source: str, arch: str) -> str:
-    """ptxas' report from nvcc, and the SASS token-loop counts where cuobjdump runs."""
-    import collections
-    import re
-    import shutil
-    import subprocess
-    import tempfile
-
+def find_nvcc() -> str:
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not os.path.exists(nvcc):
+        raise SystemExit(
+            "kernel_resources needs CUDA's nvcc (none on the PATH or in /usr/local/cuda/bin): "
+            "install the CUDA toolkit, or run with --source-only."
+        )
+    return nvcc
+
+
+def compile_report(source: str, arch: str) -> str:
+    """ptxas' report from nvcc, and the SASS token-loop counts where cuobjdump runs."""
+    nvcc = find_nvcc()
     with tempfile.TemporaryDirectory() as tmp:
         src, cubin = os.path.join(tmp, "kernel.cu"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
@@ -148,38 +119,6 @@ def nvcc_report(source: str, arch: str) -> str:
     )
     top = ", ".join(f"{k} {n}" for k, n in kinds.most_common(10))
     return report + f"ptxas info    : token loop {sum(kinds.values())} SASS instructions: {top}\n"
-
-
-def compile_report(source: str, arch: str) -> str:
-    import shutil
-
-    if shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return nvcc_report(source, arch)
-    lib = find(["libnvrtc.so*", "libnvrtc-builtins.so*"])
-    include = find(["cuda_fp16.h"])
-    if lib is None or include is None:
-        sys.exit(
-            f"NVRTC library or CUDA headers not found (libnvrtc: {lib}, cuda_fp16.h: {include})"
-        )
-    nvrtc = ctypes.CDLL(lib)
-    prog = ctypes.c_void_p()
-    err = nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernel.cu", 0, None, None)
-    assert err == 0, f"nvrtcCreateProgram: {err}"
-    options = [
-        f"--gpu-architecture={arch}",
-        "--std=c++17",
-        "--ptxas-options=-v",
-        f"-I{os.path.dirname(include)}",
-    ]
-    opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
-    status = nvrtc.nvrtcCompileProgram(prog, len(options), opts)
-    size = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    nvrtc.nvrtcGetProgramLog(prog, log)
-    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    text = log.value.decode(errors="replace")
-    return text if status == 0 else f"compile failed ({status}):\n{text}"
 
 
 def main():

@@ -20,9 +20,9 @@ keeps float32 precision), its B fragments decoded straight from the packed words
 through a table of float16 centroid pairs (two codes, one lookup), then Oᵀ += Ĉ'ᵀ Pᵀ,
 whose B fragments are the probability tiles as the first product leaves them. Centroids
 are float16-exact (`TurboQuantCodec._derive`), so the pair tables hold them as they are.
-Measured on the H200 (Qwen2.5-7B shapes, one layer's attention): 128K 115-125 µs against
-200 µs per lane, 8 x 32K 211-228 µs against 405 µs. Metal has no such instruction in this
-source and runs the per-lane path.
+Measured on the H200 (Qwen2.5-7B shapes, one layer's attention, per call in one process):
+128K 179 µs against 204 µs per lane, 8 x 32K 276 µs against 422 µs. Metal has no such
+instruction in this source and runs the per-lane path.
 
 A second small kernel merges the splits (flash-decoding), rotates the codes' part back
 (Π⁻¹, the same butterfly), adds the window's part and writes the model's dtype. Nothing
@@ -1187,8 +1187,9 @@ class KernelView(NamedTuple):
 
 def tensor_cores(backend: str, head_dim: int, key_bits: int, value_bits: int) -> bool:
     """Whether the partial kernel scores and sums on tensor cores (MMA: CUDA's mma.sync,
-    float16 fragments, float32 sums): power-of-two head_dims of at least 16 (the kernel
-    rotates, and the float16 window arrives as stored), codes of at most 4 bits (pair
+    float16 fragments, float32 sums): power-of-two head_dims (the kernel rotates, and the
+    float16 window arrives as stored; `supports` asks for multiples of 32), codes of at
+    most 4 bits (pair
     tables of 2^(2 bits) entries). Metal, and TENSOR_CORES = False, take the per-lane
     path of the same source."""
     flavour = KERNEL_MAKERS[backend][0]
