@@ -1,4 +1,5 @@
 """Where a decode step's time goes, FP16 cache vs TurboQuant, on this machine's backend.
+With `--query-tokens N` (N > 1) the step is a prefill chunk of N tokens instead.
 
 Fills one FP16 and one TurboQuant cache with a `context`-token prompt, then times (median
 over `--steps` decode steps, everything evaluated per call, one process, interleaved):
@@ -22,7 +23,7 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_bench import load_bench_model, prompt_tokens  # noqa: E402
+from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, prompt_tokens  # noqa: E402
 
 from mlx_lm.models.base import scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
@@ -44,7 +45,16 @@ def main():
     parser.add_argument("--dequantize", action="store_true")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--turbo-kv-bits", type=int, default=3)
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=sorted(CONFIGS),
+        help="cache configs to compare (generate_bench's names; default fp16 and tqN)",
+    )
     parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument(
+        "--query-tokens", type=int, default=1, help="tokens per step (e.g. 2048: a prefill chunk)"
+    )
     parser.add_argument("--output", help="also write the table to this markdown file")
     args = parser.parse_args()
 
@@ -53,9 +63,12 @@ def main():
     n_heads, n_kv = a.num_attention_heads, a.num_key_value_heads
     head_dim = getattr(a, "head_dim", None) or a.hidden_size // n_heads
     prompt = prompt_tokens(args.context, a.vocab_size)[None]
+    configs = {"fp16": {}, f"tq{args.turbo_kv_bits}": {"turbo_kv_bits": args.turbo_kv_bits}}
+    if args.configs:
+        configs = {name: CONFIGS[name] for name in args.configs}
     caches = {
-        "fp16": make_prompt_cache(model),
-        f"tq{args.turbo_kv_bits}": make_prompt_cache(model, turbo_kv_bits=args.turbo_kv_bits),
+        name: make_prompt_cache(model, **{k: v for k, v in c.items() if k in CACHE_KEYS})
+        for name, c in configs.items()
     }
     for cache in caches.values():
         for start in range(0, args.context, 512):
@@ -63,9 +76,11 @@ def main():
             mx.eval([c.state for c in cache])
 
     dtype = mx.float32 if args.dequantize else mx.float16
-    token = prompt[:, -1:]
-    k = mx.random.normal((1, n_kv, 1, head_dim)).astype(dtype)
-    q = mx.random.normal((1, n_heads, 1, head_dim)).astype(dtype)
+    L = args.query_tokens
+    token = prompt[:, -L:]
+    k = mx.random.normal((1, n_kv, L, head_dim)).astype(dtype)
+    q = mx.random.normal((1, n_heads, L, head_dim)).astype(dtype)
+    mask = "causal" if L > 1 else None
     scale = head_dim**-0.5
     rows = {name: {} for name in caches}
     for _ in range(3):  # interleaved rounds
@@ -76,18 +91,18 @@ def main():
             def step():
                 out = model(token, cache=cache)
                 for c in cache:
-                    c.trim(1)
+                    c.trim(L)
                 return out
 
             def update():
                 layer.update_and_fetch(k, k)
-                layer.trim(1)
+                layer.trim(L)
                 return [x for x in layer.state]
 
             def attention():
                 # TurboQuant attention reads the cache itself; FP16 gets the stored K/V.
                 keys, values = layer.state[:2] if name == "fp16" else (None, None)
-                return scaled_dot_product_attention(q, keys, values, layer, scale, None)
+                return scaled_dot_product_attention(q, keys, values, layer, scale, mask)
 
             r.setdefault("step", []).append(timed(step, args.steps))
             r.setdefault("update", []).append(timed(update, args.steps) * len(cache))
@@ -97,13 +112,13 @@ def main():
                 r.setdefault("dequantize", []).append(deq * len(cache))
     lines = [
         f"Model `{args.model}`, context {args.context}, device {mx.default_device()}: "
-        f"ms per decode step (median of 3 interleaved rounds x {args.steps} steps).",
+        f"ms per step of {L} token(s) (median of 3 interleaved rounds x {args.steps} steps).",
         "",
         "| cache | step | cache update (all layers) | attention (all layers) | of which "
-        "dequantize | other | step vs fp16 |",
+        "dequantize | other | step vs first |",
         "|---|---|---|---|---|---|---|",
     ]
-    fp16_step = statistics.median(rows["fp16"]["step"])
+    fp16_step = statistics.median(next(iter(rows.values()))["step"])
     for name, r in rows.items():
         m = {key: statistics.median(v) * 1e3 for key, v in r.items()}
         deq = f"{m['dequantize']:.2f}" if "dequantize" in m else "-"

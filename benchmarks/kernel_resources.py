@@ -65,7 +65,7 @@ def decode_plans():
 
 
 def translation_unit(template) -> str:
-    header, partial, _, _ = kernels.kernel_sources("cuda")
+    header, partial, *_ = kernels.kernel_sources("cuda")
     name, inputs, outputs = kernels.KERNELS[0]
     consts = "".join(f"constexpr int {k} = {int(v)};\n" for k, v in template)
     args = [f"const {CUDA_TYPES.get(INPUT_TYPES[n], INPUT_TYPES[n])}* {n}" for n in inputs]

@@ -225,6 +225,58 @@ def _check_quantize(D, bits, with_mean, backend=BACKEND, tokens=70, with_scale=F
     return differing
 
 
+DEQUANT_CASES = [
+    dict(kind="single", D=64, bits=3, scaling=True, window=16),  # the defaults
+    dict(kind="single", D=128, bits=4, scaling=False, window=0),  # centering only
+    dict(kind="single", D=64, bits=2, centering=False),
+    dict(kind="ring", D=64, bits=3, scaling=True),
+    dict(kind="batch", D=64, bits=3, scaling=True, window=16),
+]
+
+
+def _check_dequantize(c, backend=BACKEND, T=100, dtypes=(mx.float32, mx.float16)):
+    """The caches' dequantized context on the fused path (`fused_dequantize`, what a
+    prefill chunk reads) against their reference path: rotated domain and model domain,
+    float32 and float16, for single, ring and batch caches."""
+    from mlx_lm.models import turboquant_cache
+
+    D, bits = c["D"], c["bits"]
+    if c["kind"] == "batch":
+        cache = batch_cache([T, T // 3], 2, D, bits, c["scaling"], c["window"], steps=2)
+    else:
+        cache = filled_cache(
+            1,
+            2,
+            T,
+            D,
+            bits,
+            centering=c.get("centering", True),
+            ring=64 if c["kind"] == "ring" else None,
+            chunks=3 if c["kind"] == "ring" else 2,
+            scaling=c.get("scaling", False),
+            window=c.get("window", 0),
+        )
+    original = turboquant_cache.fused_backend
+    worst = 0.0
+    try:
+        for dtype in dtypes:
+            out = {}
+            for fused in (True, False):
+                turboquant_cache.fused_backend = (lambda: backend) if fused else (lambda: None)
+                out[fused] = [*cache.rotated_keys_values(dtype), *cache.dequantized(dtype)]
+                mx.eval(out[fused])
+            for a, b in zip(out[True], out[False]):
+                assert a.dtype == b.dtype == dtype and a.shape == b.shape
+                a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+                # float32: summation order only; float16: one rounding of either.
+                tol = 1e-5 if dtype == mx.float32 else 2e-3
+                np.testing.assert_allclose(a, b, atol=tol * np.abs(b).max(), rtol=tol)
+                worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+    finally:
+        turboquant_cache.fused_backend = original
+    return worst
+
+
 def real_attention_inputs(model, tokens, layers):
     """{layer: (queries of every position, keys, values, scale)} of a real model over
     `tokens`: keys and values from its FP16 cache (after RoPE and any key norm), queries
@@ -292,6 +344,7 @@ def test_kernel_sources_share_one_body():
     assert cuda[1].endswith(kernels.PARTIAL_BODY) and metal[1].endswith(kernels.PARTIAL_BODY)
     assert cuda[2].endswith(kernels.MERGE_BODY) and metal[2].endswith(kernels.MERGE_BODY)
     assert cuda[0].endswith(kernels.HEADER) and metal[0].endswith(kernels.HEADER)
+    assert cuda[4].endswith(kernels.DEQUANT_BODY) and metal[4].endswith(kernels.DEQUANT_BODY)
 
 
 if pytest is not None:
@@ -324,6 +377,13 @@ if pytest is not None:
         monkeypatch.setattr(kernels, "TENSOR_CORES", tensor_cores)
         _check_case(c, emulated)
 
+    @pytest.mark.parametrize("c", [c for c in EMULATED_CASES if c["window"]])
+    def test_emulated_unstaged_window_matches_reference(c, emulated, monkeypatch):
+        """The tensor-core kernel's float16 window read straight from memory, as it is
+        past WINDOW_STAGE tokens (the cases above stage it)."""
+        monkeypatch.setattr(kernels, "WINDOW_STAGE", 0)
+        _check_case(c, emulated)
+
     @pytest.mark.slow
     def test_emulated_kernel_on_real_smollm2_layer(emulated, smollm2, prose):
         """Real keys and values (SmolLM2, 200 tokens of prose, a middle layer)."""
@@ -331,6 +391,17 @@ if pytest is not None:
         tokens = tokenizer.encode(prose)[:200]
         ((q, k, v, scale),) = real_attention_inputs(model, tokens, [15]).values()
         check_real_layer(q, k, v, scale, emulated, L=2)
+
+    @pytest.mark.parametrize("c", DEQUANT_CASES)
+    def test_emulated_dequantize_matches_reference(c, emulated):
+        # float16 output (what prefill reads) once: the emulator is slow.
+        dtypes = (mx.float32, mx.float16) if c is DEQUANT_CASES[0] else (mx.float32,)
+        _check_dequantize(c, emulated, dtypes=dtypes)
+
+    @needs_gpu
+    @pytest.mark.parametrize("c", DEQUANT_CASES)
+    def test_fused_dequantize_matches_reference(c):
+        _check_dequantize(c, T=3000)
 
     def test_emulated_quantize_matches_reference(emulated):
         _check_quantize(64, 3, True, emulated, tokens=6, with_scale=True)
@@ -416,6 +487,12 @@ if __name__ == "__main__":
         except Exception as e:
             failures += 1
             print("quantize", c, "FAILED:", str(e)[:2000], flush=True)
+    for c in DEQUANT_CASES if stop == len(CASES) else []:
+        try:
+            print("dequantize", c, f"max rel diff {_check_dequantize(c, T=3000):.2e}", flush=True)
+        except Exception as e:
+            failures += 1
+            print("dequantize", c, "FAILED:", str(e)[:2000], flush=True)
     sys.exit(1 if failures else 0)
 
 
@@ -532,6 +609,7 @@ PARTIAL_TEMPLATES = [
         HKV=4,
         STAGE=0,
         MMA=1,
+        WSTAGE=1,
     ),
     dict(
         D=64,
@@ -552,6 +630,7 @@ PARTIAL_TEMPLATES = [
         HKV=2,
         STAGE=1,
         MMA=0,
+        WSTAGE=0,
     ),
     dict(
         D=256,
@@ -572,7 +651,12 @@ PARTIAL_TEMPLATES = [
         HKV=1,
         STAGE=0,
         MMA=0,
+        WSTAGE=0,
     ),
+]
+DEQUANT_TEMPLATES = [
+    dict(D=128, KB=3, VB=3, KW=12, VW=12, CENTERED=1, SCALED=1, INVERSE=0, SEG_ROWS=1, HKV=4),
+    dict(D=64, KB=4, VB=2, KW=8, VW=4, CENTERED=0, SCALED=0, INVERSE=1, SEG_ROWS=0, HKV=2),
 ]
 QUANTIZE_TEMPLATES = [
     dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, HAS_MEAN=1, HAS_SCALE=1),
@@ -583,7 +667,7 @@ QUANTIZE_TEMPLATES = [
 def translation_unit(backend: str, segment_type: str) -> str:
     """A C++ file holding the kernels as MLX would declare them (inputs as pointers,
     template constants, the backend's thread-id parameters), instantiated."""
-    header, partial, merge, quantize = kernels.kernel_sources(backend)
+    header, partial, merge, quantize, dequantize = kernels.kernel_sources(backend)
     shim = METAL_SHIM if backend == "metal" else CUDA_SHIM
     half = "half" if backend == "metal" else "__half"
     qual = "const device " if backend == "metal" else "const "
@@ -626,6 +710,14 @@ def translation_unit(backend: str, segment_type: str) -> str:
         kernels.QUANTIZE_INPUTS,
         kernels.QUANTIZE_OUTPUTS,
         QUANTIZE_TEMPLATES,
+    )
+    unit += kernel(
+        "dequantize_kernel",
+        dequantize,
+        kernels.DEQUANT_INPUTS,
+        kernels.DEQUANT_OUTPUTS,
+        DEQUANT_TEMPLATES,
+        "typename out_t",
     )
     return unit
 

@@ -28,7 +28,13 @@ import numpy as np
 from .cache import RotatingKVCache, _BaseCache, _causal_mask_for, _LeftPaddedBatch
 from .turboquant import turboquant_dequantize_rotated, turboquant_quantize
 from .turboquant_codebook import lloyd_max_codebook
-from .turboquant_kernels import KernelView, fused_backend, fused_quantize, quantize_supported
+from .turboquant_kernels import (
+    KernelView,
+    fused_backend,
+    fused_dequantize,
+    fused_quantize,
+    quantize_supported,
+)
 from .turboquant_packing import packed_words
 from .turboquant_rotation import inverse_rotate, rotate, rotation_signs
 
@@ -421,10 +427,37 @@ class TurboQuantCodec:
             pk, kn = pieces[0][1:]
         return (pk, kn, *coded_values)
 
-    def _dequantized(self, packed_keys, key_norms, segments, packed_values, value_norms, inverse):
+    def _dequantized(
+        self, packed_keys, key_norms, segments, packed_values, value_norms, inverse, dtype, count
+    ):
         """Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s and Πv̂ for the given buffers (segments: int [T], or
-        [B, T] per row), float32; or, with `inverse`, k̂ and v̂ in the model's domain."""
+        [B, T] per row) in `dtype`; or, with `inverse`, k̂ and v̂ in the model's domain.
+        On a GPU one fused launch (`fused_dequantize`) for the first `count` slots;
+        elsewhere the compiled reference, in float32 and then cast, for every slot (its
+        shapes change only when the buffers grow; callers slice)."""
         means, scales = self.key_means_with_zero(), self.key_scales_with_one()
+        backend = fused_backend() if quantize_supported(self.head_dim) else None
+        if backend is not None:
+            seg_scale, seg_mean = self._dequant_stats(inverse)
+            return fused_dequantize(
+                packed_keys,
+                key_norms,
+                packed_values,
+                value_norms,
+                segments,
+                seg_scale,
+                seg_mean,
+                self.key_signs,
+                self.value_signs,
+                self.key_centroids,
+                self.value_centroids,
+                self.key_bits,
+                self.value_bits,
+                inverse,
+                dtype,
+                backend,
+                count,
+            )
         segments = segments.reshape(-1, 1, segments.shape[-1], 1)
         f = _kv_dequantizer(
             self.key_bits,
@@ -434,7 +467,7 @@ class TurboQuantCodec:
             scales is not None,
             inverse,
         )
-        return f(
+        k, v = f(
             packed_keys,
             key_norms,
             segments,
@@ -447,12 +480,28 @@ class TurboQuantCodec:
             self.key_centroids,
             self.value_centroids,
         )
-
-    def _rotated(self, packed_keys, key_norms, segments, packed_values, value_norms, dtype):
-        k, v = self._dequantized(
-            packed_keys, key_norms, segments, packed_values, value_norms, False
-        )
         return k.astype(dtype), v.astype(dtype)
+
+    def _dequant_stats(self, inverse: bool):
+        """(σ_s, M_s) float32 [B, n_kv_heads, segments, head_dim] for `fused_dequantize`
+        (μ_s = Πᵀ M_s in place of M_s with `inverse`); None where absent."""
+        means = self.key_means_with_zero()
+        if means is None:
+            return None, None
+
+        def make():
+            scales = self.key_scales_with_one()
+            mean = means.astype(mx.float32)
+            if inverse:
+                mean = inverse_rotate(mean, self.key_signs)
+            return None if scales is None else scales.astype(mx.float32), mean
+
+        return self._derived(("dequant", inverse), make)
+
+    def _rotated(self, packed_keys, key_norms, segments, packed_values, value_norms, dtype, count):
+        return self._dequantized(
+            packed_keys, key_norms, segments, packed_values, value_norms, False, dtype, count
+        )
 
     def _compressed(self):
         """What update_and_fetch returns: (packed keys, key norms), (packed values, value
@@ -651,8 +700,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         # dispatch never evaluates.
         if self.coded:
             pk, kn, pv, vn = self._buffers()
-            k, v = self._dequantized(pk, kn, self._segment_ids(), pv, vn, True)
-            k, v = k[:, :, : self.coded].astype(dtype), v[:, :, : self.coded].astype(dtype)
+            k, v = self._dequantized(pk, kn, self._segment_ids(), pv, vn, True, dtype, self.coded)
+            k, v = k[:, :, : self.coded], v[:, :, : self.coded]
         if self.coded == self.offset:
             return k, v
         held = self.coded - self.recent_start
@@ -675,7 +724,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         dequantizer sees a new shape only when the buffer grows (every `step` tokens),
         not at every decoded token."""
         pk, kn, pv, vn = self._buffers()
-        k, v = self._rotated(pk, kn, self._segment_ids(), pv, vn, dtype)
+        k, v = self._rotated(pk, kn, self._segment_ids(), pv, vn, dtype, self.coded)
         return k[:, :, : self.coded], v[:, :, : self.coded]
 
     def _segment_ids(self) -> mx.array:
@@ -868,9 +917,8 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
 
     def rotated_keys_values(self, dtype=mx.float32):
         (pk, kn, segments), (pv, vn) = self._filled()
-        return self._rotated(
-            pk, kn[..., 0], segments[0, 0, :, 0].astype(mx.int32), pv, vn[..., 0], dtype
-        )
+        segments = segments[0, 0, :, 0].astype(mx.int32)
+        return self._rotated(pk, kn[..., 0], segments, pv, vn[..., 0], dtype, pk.shape[2])
 
     def trim(self, n):
         n = RotatingKVCache.trim(self, n)
@@ -1503,7 +1551,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         rotated domain, [B, n_kv_heads, filled, head_dim]; padding and float16-window
         slots come out as whatever their zero codes give and are masked."""
         pk, kn, pv, vn = self._buffers()
-        k, v = self._rotated(pk, kn, self.segments, pv, vn, dtype)
+        k, v = self._rotated(pk, kn, self.segments, pv, vn, dtype, self._filled)
         return k[:, :, : self._filled], v[:, :, : self._filled]
 
     def window_layout(self):

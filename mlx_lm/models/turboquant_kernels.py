@@ -54,11 +54,20 @@ MAX_QUERY_TOKENS = 8
 MAX_ACCUMULATORS = 64
 # The shared memory a thread group may use (Metal's limit; CUDA allows 48 KB static).
 SHARED_BYTES = 32 * 1024
+# CUDA's limit on a kernel's static shared memory.
+MAX_STATIC_SHARED = 48 * 1024
 # Threads per group: NT / 32 warps, each an independent flash-decoding worker.
 THREADS = 128
 # Score and sum on tensor cores where the backend has them (`tensor_cores`); tests turn
 # this off to check the per-lane path, which Metal runs.
 TENSOR_CORES = True
+# The float16 window's split stages its keys and values in shared memory (tensor cores,
+# head_dim <= 128; see WSTAGE in the partial kernel) while batch x coded tokens are at
+# most this many; 0: never. Staging costs the code splits registers (188 against 168:
+# two groups an SM instead of three). Measured on the H200 (Qwen2.5-7B shapes, µs a
+# call, staged / not): 4K 31.3 / 48.5, 32K 69.2 / 73.6, 128K 158.9 / 125.9, 8 x 32K
+# 250.7 / 230.5.
+WINDOW_STAGE = 65536
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
 # least MIN_TOKENS_PER_SPLIT tokens. Measured on the H200 (Qwen2.5-7B shapes, µs per
@@ -83,6 +92,7 @@ typedef unsigned long long tq_u64;
 struct alignas(16) tq_frag {  // four fragment registers: one 16-byte shared load
   uint32_t x, y, z, w;
 };
+#define TQ_LOAD16(p) (*reinterpret_cast<const tq_frag*>(p))
 #if defined(__CUDACC__)  // NVRTC; the CPU emulator and the syntax check bring their own
 // c += a b: one warp's m16n8k16 tensor-core product (PTX mma.sync), float16 a [16 x 16]
 // and b [16 x 8] in the PTX fragment layouts, float32 sums.
@@ -123,6 +133,7 @@ typedef ulong tq_u64;
 struct tq_frag {
   uint32_t x, y, z, w;
 };
+#define TQ_LOAD16(p) (*reinterpret_cast<const device tq_frag*>(p))
 TQ_FN uint32_t tq_half2_bits(float lo, float hi) { return as_type<uint32_t>(half2(lo, hi)); }
 TQ_FN uint32_t tq_halves_bits(half_t lo, half_t hi) { return as_type<uint32_t>(half2(lo, hi)); }
 TQ_FN float tq_round_half(float x) { return static_cast<float>(static_cast<half>(x)); }
@@ -186,6 +197,28 @@ TQ_FN void tq_stream(Words words, int bit0, Out out) {
     out[i] = shift ? (lo >> shift) | (hi << (32 - shift)) : lo;
   }
   out[NW] = 0u;
+}
+
+// Rows [j0, j0 + 16) of a float16 [*, D] array (`src` at row j0) into shared words,
+// ROWW words a row (zeros from row `end` on): a warp's coalesced 16-byte loads, all
+// issued before the first use (one wait on memory).
+template <int D, int ROWW, typename Src, typename Dst>
+TQ_FN void tq_stage16(Src src, int j0, int end, Dst dst, int lane) {
+  constexpr int V = D / 8;  // 16-byte vectors a row
+#pragma unroll
+  for (int i = lane; i < 16 * V; i += 32) {
+    const int r = i / V;
+    const int c = i - r * V;
+    tq_frag x = {0u, 0u, 0u, 0u};
+    if (j0 + r < end) {
+      x = TQ_LOAD16(src + (size_t)r * D + c * 8);
+    }
+    const int at = r * ROWW + c * 4;
+    dst[at] = x.x;
+    dst[at + 1] = x.y;
+    dst[at + 2] = x.z;
+    dst[at + 3] = x.w;
+  }
 }
 
 // Sum and max over the 32 lanes of a warp (a Metal SIMD group); every lane gets them.
@@ -308,6 +341,14 @@ PARTIAL_BODY = """
   // (q = hi + lo to ~2^-22), and float16 centroid pairs indexed by two codes.
   TQ_SHARED tq_frag qfrag[MMA ? 2 * KT * 32 : 1];
   TQ_SHARED uint32_t key_pairs[MMA ? 1 << (2 * KB) : 1];
+  // WSTAGE (host: MMA, WIN, head_dim <= 128): the float16 window's split stages its
+  // 32 tokens' keys, then 16 tokens' values at a time, per warp here with coalesced
+  // loads, and reads its fragments from shared memory, not with scattered 2-byte
+  // loads that each wait on memory (those cost 21-25 µs a call at Qwen2.5-7B shapes).
+  // Rows of D / 2 + 1 words, so that the fragment reads of a warp fall in different
+  // banks (at most two lanes a bank).
+  constexpr int WROWW = D / 2 + 1;
+  TQ_SHARED uint32_t wstage[WSTAGE ? NW * 32 * WROWW : 1];
   TQ_SHARED uint32_t value_pairs[MMA ? 1 << (2 * VB) : 1];
   for (int i = tq_tid; i < (1 << KB); i += NT) {
     key_cb[i] = key_codebook[i];
@@ -522,6 +563,16 @@ PARTIAL_BODY = """
                                        : 1.0f;
         }
       }
+      const int wst = warp * 32 * WROWW;
+      if (WSTAGE && in_window) {
+        TQ_WARP_SYNC();
+        for (int hf = 0; hf < 2; hf++) {
+          const int j0 = base + 16 * hf;
+          tq_stage16<D, WROWW>(window_keys + ((size_t)bh * n_window + j0 - first) * D, j0,
+                               pass_hi, wstage + wst + 16 * hf * WROWW, lane);
+        }
+        TQ_WARP_SYNC();
+      }
       // S, with the hi and lo query parts in separate sums (two short chains of
       // dependent products instead of one long one).
       float sv[4][4];
@@ -544,7 +595,11 @@ PARTIAL_BODY = """
         for (int nt = 0; nt < 4; nt++) {
           uint32_t b[2] = {0u, 0u};
           const int j = base + nt * 8 + g;
-          if (in_window) {
+          if (WSTAGE && in_window) {
+            const int at = wst + (nt * 8 + g) * WROWW + (t * QD + 4 * kt) / 2;
+            b[0] = wstage[at];
+            b[1] = wstage[at + 1];
+          } else if (in_window) {
             if (j < pass_hi) {
               auto k = window_keys + ((size_t)bh * n_window + j - first) * D + t * QD + 4 * kt;
               b[0] = tq_halves_bits(static_cast<half_t>(k[0]), static_cast<half_t>(k[1]));
@@ -625,6 +680,13 @@ PARTIAL_BODY = """
       }
 #pragma unroll
       for (int kt2 = 0; kt2 < 2; kt2++) {
+        if (WSTAGE && in_window) {
+          const int j0 = base + 16 * kt2;
+          TQ_WARP_SYNC();
+          tq_stage16<D, WROWW>(window_values + ((size_t)bh * n_window + j0 - first) * D, j0,
+                               pass_hi, wstage + wst, lane);
+          TQ_WARP_SYNC();
+        }
         // The lane's tokens of this k-tile: u = 0..3 -> 2t, 2t + 1, 2t + 8, 2t + 9.
         bool vlive[4];
         int vj[4];
@@ -642,7 +704,18 @@ PARTIAL_BODY = """
 #pragma unroll
         for (int mt = 0; mt < KT; mt++) {
           uint32_t a[4];
-          if (in_window) {
+          if (WSTAGE && in_window) {
+            // Word (dims d, d + 1) of each token u; A registers pair tokens per dim.
+            uint32_t w[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+              w[u] = wstage[wst + (2 * t + (u & 1) + 8 * (u >> 1)) * WROWW + (g * VD) / 2 + mt];
+            }
+            a[0] = (w[0] & 0xffffu) | (w[1] << 16);
+            a[1] = (w[0] >> 16) | (w[1] & 0xffff0000u);
+            a[2] = (w[2] & 0xffffu) | (w[3] << 16);
+            a[3] = (w[2] >> 16) | (w[3] & 0xffff0000u);
+          } else if (in_window) {
             const int d = g * VD + 2 * mt;
             half_t x[4][2];
 #pragma unroll
@@ -984,6 +1057,63 @@ QUANTIZE_BODY = """
   }
 """
 
+# Dequantize: one thread group of D threads per slot of a row (the prefill path, which
+# then runs one SDPA over the whole context). Thread d writes coordinate d of
+#   Πk̂ = Π(σ_s ∘ Πᵀ n c) + M_s  and  Πv̂ = m c'        (rotated domain), or
+#   k̂ = σ_s ∘ Πᵀ n c + μ_s      and  v̂ = Πᵀ m c'      (INVERSE: the model's domain),
+# with s the slot's key-mean segment (`TurboQuantCodec`). Template: D (a power of two),
+# KB/VB bits, KW/VW words, CENTERED, SCALED, INVERSE, SEG_ROWS (segment ids per batch
+# row: [B, T], else [T]), HKV (KV heads), out_t. Inputs: packed keys / values [BH, CAP,
+# KW|VW] u32 and norms [BH, CAP] f16 (whole buffers); segments int32 [CAP] or [B,
+# CAP]; seg_scale (σ_s,
+# model domain) and seg_mean (M_s rotated, or μ_s with INVERSE) [BH, NSEG, D] f32;
+# signs and codebooks; params f32 = {T (slots dequantized per row), CAP, NSEG}.
+# Outputs: keys and values [BH, T, D] out_t.
+DEQUANT_BODY = """
+  const int T = static_cast<int>(params[0]);
+  const int cap = static_cast<int>(params[1]);
+  const int nseg = static_cast<int>(params[2]);
+  const int bh = tq_group / T;
+  const int t = tq_group - bh * T;
+  const int d = tq_tid;
+  const size_t slot = (size_t)bh * cap + t;
+  TQ_SHARED float hk[D];
+  TQ_SHARED float hv[D];
+  float k = key_codebook[tq_code(packed_keys + slot * KW, d, KB)] *
+            static_cast<float>(key_norms[slot]);
+  float v = value_codebook[tq_code(packed_values + slot * VW, d, VB)] *
+            static_cast<float>(value_norms[slot]);
+  size_t stat = 0;
+  if (CENTERED) {
+    // Slots past the coded ones may carry segments not opened yet.
+    const int s = min(static_cast<int>(segments[SEG_ROWS ? (bh / HKV) * cap + t : t]), nseg - 1);
+    stat = ((size_t)bh * nseg + s) * D + d;
+  }
+  if (SCALED || INVERSE) {  // Πᵀ n c = D H (n c) / sqrt(D)
+    hk[d] = k;
+    tq_hadamard<D>(hk, d);
+    k = hk[d] * key_signs[d];
+  }
+  if (SCALED) {
+    k *= seg_scale[stat];
+    if (!INVERSE) {  // back to the rotated domain: Π x = H D x / sqrt(D)
+      hk[d] = k * key_signs[d];
+      tq_hadamard<D>(hk, d);
+      k = hk[d];
+    }
+  }
+  if (CENTERED) {
+    k += seg_mean[stat];
+  }
+  if (INVERSE) {
+    hv[d] = v;
+    tq_hadamard<D>(hv, d);
+    v = hv[d] * value_signs[d];
+  }
+  keys[(size_t)tq_group * D + d] = static_cast<out_t>(k);
+  values[(size_t)tq_group * D + d] = static_cast<out_t>(v);
+"""
+
 PARTIAL_INPUTS = [
     "q",
     "key_signs",
@@ -1015,13 +1145,29 @@ QUANTIZE_INPUTS = [
     "params",
 ]
 QUANTIZE_OUTPUTS = ["packed_keys", "key_norms", "packed_values", "value_norms"]
+DEQUANT_INPUTS = [
+    "packed_keys",
+    "key_norms",
+    "packed_values",
+    "value_norms",
+    "segments",
+    "seg_scale",
+    "seg_mean",
+    "key_signs",
+    "value_signs",
+    "key_codebook",
+    "value_codebook",
+    "params",
+]
+DEQUANT_OUTPUTS = ["keys", "values"]
 
 
 def kernel_sources(backend: str):
-    """(header, partial body, merge body, quantize body) for "cuda" or "metal": the
-    shared logic with that backend's prelude and thread ids."""
+    """(header, partial, merge, quantize and dequantize bodies) for "cuda" or "metal":
+    the shared logic with that backend's prelude and thread ids."""
     prelude, ids = {"cuda": (CUDA_PRELUDE, CUDA_IDS), "metal": (METAL_PRELUDE, METAL_IDS)}[backend]
-    return prelude + HEADER, ids + PARTIAL_BODY, ids + MERGE_BODY, ids + QUANTIZE_BODY
+    bodies = (PARTIAL_BODY, MERGE_BODY, QUANTIZE_BODY, DEQUANT_BODY)
+    return (prelude + HEADER, *(ids + body for body in bodies))
 
 
 def cuda_available() -> bool:
@@ -1054,11 +1200,12 @@ KERNEL_MAKERS = {
 }
 
 
-# The three kernels: name, inputs, outputs (bodies in `kernel_sources` order).
+# The kernels: name, inputs, outputs (bodies in `kernel_sources` order).
 KERNELS = (
     ("turboquant_decode_partial", PARTIAL_INPUTS, PARTIAL_OUTPUTS),
     ("turboquant_decode_merge", MERGE_INPUTS, ["out"]),
     ("turboquant_quantize", QUANTIZE_INPUTS, QUANTIZE_OUTPUTS),
+    ("turboquant_dequantize", DEQUANT_INPUTS, DEQUANT_OUTPUTS),
 )
 # How each flavour spells the dtypes a kernel may be specialised to.
 TYPE_NAMES = {
@@ -1164,6 +1311,72 @@ def fused_quantize(
     return outputs[:2] if values is None else outputs
 
 
+def fused_dequantize(
+    packed_keys,
+    key_norms,
+    packed_values,
+    value_norms,
+    segments: mx.array,
+    seg_scale: Optional[mx.array],
+    seg_mean: Optional[mx.array],
+    key_signs,
+    value_signs,
+    key_codebook,
+    value_codebook,
+    key_bits: int,
+    value_bits: int,
+    inverse: bool,
+    dtype,
+    backend: str,
+    count: Optional[int] = None,
+):
+    """Keys and values of the first `count` slots (default: all) of buffers (packed
+    [B, H, CAP, words], norms [B, H, CAP]) in one launch, [B, H, count, D] in `dtype`: rotated (Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s, Πv̂) or, with
+    `inverse`, in the model's domain (k̂ = σ_s ∘ Πᵀŷ + μ_s, v̂). `segments`: int [CAP]
+    or [B, CAP], each slot's key-mean segment; `seg_mean` [B, H, NSEG, D] float32 (M_s, or
+    μ_s with `inverse`; None without centering), `seg_scale` likewise (σ_s, or None)."""
+    B, H, cap, kw = packed_keys.shape
+    T = cap if count is None else count
+    D = key_signs.shape[0]
+    nseg = 0 if seg_mean is None else seg_mean.shape[2]
+    f32 = mx.float32
+    return _launch(
+        backend,
+        3,
+        inputs=[
+            packed_keys,
+            key_norms,
+            packed_values,
+            value_norms,
+            segments.astype(mx.int32),
+            _zeros(1, f32) if seg_scale is None else seg_scale,
+            _zeros(1, f32) if seg_mean is None else seg_mean,
+            key_signs,
+            value_signs,
+            key_codebook,
+            value_codebook,
+            _params((T, cap, nseg)),
+        ],
+        template=[
+            ("D", D),
+            ("KB", key_bits),
+            ("VB", value_bits),
+            ("KW", kw),
+            ("VW", packed_values.shape[-1]),
+            ("CENTERED", int(seg_mean is not None)),
+            ("SCALED", int(seg_scale is not None)),
+            ("INVERSE", int(inverse)),
+            ("SEG_ROWS", int(segments.ndim == 2)),
+            ("HKV", H),
+            ("out_t", dtype),
+        ],
+        grid=(B * H * T * D, 1, 1),
+        threadgroup=(D, 1, 1),
+        output_shapes=[(B, H, T, D), (B, H, T, D)],
+        output_dtypes=[dtype, dtype],
+    )
+
+
 class KernelView(NamedTuple):
     """What the decode kernel reads of a cache (`kernel_view()` of each TurboQuant
     cache): whole buffers, no copies. Codes sit in slots [0, coded) of packed keys /
@@ -1207,17 +1420,26 @@ def _rows_per_group(rows: int, head_dim: int, mma: bool = False) -> int:
 
 @lru_cache(maxsize=None)
 def _shared_bytes(
-    rows: int, head_dim: int, key_bits: int, value_bits: int, stage: bool, mma: bool = False
+    rows: int,
+    head_dim: int,
+    key_bits: int,
+    value_bits: int,
+    stage: bool,
+    mma: bool = False,
+    window_stage: bool = False,
 ) -> int:
     """Shared memory of a thread group: queries, probabilities, codebooks, per-warp
-    maxima and sums, (`stage`) the warps' staged key and value words, and (`mma`) the
-    query fragments and centroid-pair tables."""
+    maxima and sums, (`stage`) the warps' staged key and value words, (`mma`) the
+    query fragments and centroid-pair tables, and (`window_stage`) the window's staged
+    float16 words."""
     kw, vw = packed_words(head_dim, key_bits), packed_words(head_dim, value_bits)
     probs = 0 if mma else THREADS
     floats = rows * (head_dim + 1 + probs + 2 * (THREADS // 32)) + 2**key_bits + 2**value_bits
     words = THREADS * ((kw | 1) + vw) if stage else 0
     if mma:
         words += 2 * head_dim // 16 * 32 * 4 + 4**key_bits + 4**value_bits
+    if window_stage:
+        words += THREADS * (head_dim // 2 + 1)
     return 4 * (floats + words)
 
 
@@ -1274,13 +1496,18 @@ def _params(values: tuple) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma):
+def _decode_plan(
+    D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma, stage=True
+):
     """The partial and merge kernels' template constants for one kind of call (built once:
     a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal)."""
     rows = n_q_heads // n_kv * L
     per_group = _rows_per_group(rows, D, mma)
     rot = int(_rotates_inside(D))
     scaled, ring, win, causal = flags
+    window_stage = mma and win and stage and D <= 128
+    shared = _shared_bytes(per_group, D, key_bits, value_bits, False, mma, window_stage)
+    window_stage = window_stage and shared <= MAX_STATIC_SHARED
     partial = [
         ("D", D),
         ("R", rows),
@@ -1300,6 +1527,7 @@ def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segmen
         ("HKV", n_kv),
         ("STAGE", int(not mma and _stages(per_group, D, key_bits, value_bits))),
         ("MMA", int(mma)),
+        ("WSTAGE", int(window_stage)),
     ]
     merge = [("D", D), ("R", rows), ("WIN", win), ("ROT", rot)]
     return partial, merge, -(-rows // per_group)
@@ -1329,7 +1557,18 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     vw = view.packed_values.shape[-1]
     mma = tensor_cores(backend, D, key_bits, value_bits)
     partial_template, merge_template, chunks = _decode_plan(
-        D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, cache.max_segment, flags, mma
+        D,
+        n_q_heads,
+        n_kv,
+        L,
+        key_bits,
+        value_bits,
+        kw,
+        vw,
+        cache.max_segment,
+        flags,
+        mma,
+        B * view.coded <= WINDOW_STAGE,
     )
     groups = B * n_kv
     splits = max(1, min(-(-view.coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * chunks)))
