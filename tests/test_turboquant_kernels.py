@@ -452,11 +452,13 @@ if pytest is not None:
         assert broken != kernels.PARTIAL_BODY
         monkeypatch.setattr(kernels, "PARTIAL_BODY", broken)
         kernels._specialised.cache_clear()
+        kernels._decode_kernels.cache_clear()
         try:
             with pytest.raises(AssertionError):
                 _check_case(case(4, 2, 300, L=3, D=64, window=16), emulated)
         finally:
             kernels._specialised.cache_clear()
+            kernels._decode_kernels.cache_clear()
 
 
 if __name__ == "__main__":

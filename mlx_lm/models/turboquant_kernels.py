@@ -1185,6 +1185,12 @@ def fused_backend() -> Optional[str]:
         return None
     if mx.default_device() != mx.gpu:
         return None
+    return _gpu_backend()
+
+
+@lru_cache(maxsize=None)
+def _gpu_backend() -> Optional[str]:
+    """The GPU's kernel backend, asked once (every layer of every step asks)."""
     if cuda_available():
         return "cuda"
     if metal_available():
@@ -1471,9 +1477,17 @@ def supports(queries: mx.array, cache, mask, backend: Optional[str] = None) -> b
     if not ok_mask:
         return False
     backend = fused_backend() if backend is None else backend
-    mma = backend is not None and tensor_cores(backend, D, cache.key_bits, cache.value_bits)
-    rows = _rows_per_group(n_q_heads // cache.n_kv_heads * L, D, mma)
-    return _shared_bytes(rows, D, cache.key_bits, cache.value_bits, False, mma) <= SHARED_BYTES
+    rows = n_q_heads // cache.n_kv_heads * L
+    return _fits(backend, rows, D, cache.key_bits, cache.value_bits, TENSOR_CORES)
+
+
+@lru_cache(maxsize=None)
+def _fits(backend: Optional[str], rows: int, D: int, key_bits: int, value_bits: int, tc_flag):
+    """Whether a thread group's shared memory fits, per kind of call (made once; `tc_flag`
+    is TENSOR_CORES, which tensor_cores reads)."""
+    mma = backend is not None and tensor_cores(backend, D, key_bits, value_bits)
+    per_group = _rows_per_group(rows, D, mma)
+    return _shared_bytes(per_group, D, key_bits, value_bits, False, mma) <= SHARED_BYTES
 
 
 def _rotates_inside(head_dim: int) -> bool:
@@ -1533,6 +1547,15 @@ def _decode_plan(
     return partial, merge, -(-rows // per_group)
 
 
+@lru_cache(maxsize=None)
+def _decode_kernels(backend: str, out_dtype, *plan):
+    """(partial kernel, merge kernel, row chunks) for `_decode_plan(*plan)`, made once: a
+    decode step asks in every layer, and at batch 1 its host time is the step's."""
+    partial, merge, chunks = _decode_plan(*plan)
+    merge = merge + [("out_t", out_dtype)]
+    return _specialised(backend, 0, tuple(partial)), _specialised(backend, 1, tuple(merge)), chunks
+
+
 def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
     """softmax(scale q Kᵀ + mask) V over the packed cache (and its float16 window), for
     up to 8 query tokens: the partial kernel over splits of the slots, then the merge.
@@ -1556,7 +1579,10 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     key_bits, value_bits = cache.key_bits, cache.value_bits
     vw = view.packed_values.shape[-1]
     mma = tensor_cores(backend, D, key_bits, value_bits)
-    partial_template, merge_template, chunks = _decode_plan(
+    out_dtype = queries.dtype if rot else mx.float32
+    partial_kernel, merge_kernel, chunks = _decode_kernels(
+        backend,
+        out_dtype,
         D,
         n_q_heads,
         n_kv,
@@ -1576,9 +1602,7 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     head = (view.coded, per_split, scale, view.slots, view.first, cap, splits, nseg)
     params = _params(head + view.rows)
     nsplit = splits + int(win)
-    out, m, s = _launch(
-        backend,
-        0,
+    out, m, s = partial_kernel(
         inputs=[
             q,
             cache.key_signs,
@@ -1595,18 +1619,13 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
             cache.value_centroids,
             params,
         ],
-        template=partial_template,
         grid=(groups * chunks * nsplit * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(groups, nsplit, rows, D), (groups, nsplit, rows), (groups, nsplit, rows)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
-    out_dtype = queries.dtype if rot else mx.float32
-    (o,) = _launch(
-        backend,
-        1,
+    (o,) = merge_kernel(
         inputs=[out, m, s, cache.value_signs, params],
-        template=merge_template + [("out_t", out_dtype)],
         grid=(groups * rows * D, 1, 1),
         threadgroup=(D, 1, 1),
         output_shapes=[queries.shape],
