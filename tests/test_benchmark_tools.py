@@ -36,11 +36,32 @@ def test_attention_bench_variant_names_an_unknown_constant():
 def test_kernel_resources_builds_every_decode_kernel_and_says_when_nvcc_is_missing(monkeypatch):
     resources = load("kernel_resources")
     plans = resources.decode_plans()
-    assert [label for label, _ in plans] == ["qwen2.5-7b mma", "qwen2.5-7b per-lane", "gemma3 mma"]
+    assert [label.split(",")[0] for label, _ in plans] == ["qwen2.5-7b mma"] * 2 + [
+        "qwen2.5-7b per-lane",
+        "gemma3 mma",
+    ]
     source = resources.translation_unit(plans[0][1])
     assert 'extern "C" __global__ void turboquant_decode_partial(const __half* q' in source
-    assert "constexpr int MMA = 1;" in source
+    assert "constexpr int MMA = 1;" in source and "constexpr int WSTAGE = 1;" in source
+    assert "constexpr int WSTAGE = 0;" in resources.translation_unit(plans[1][1])
     monkeypatch.setattr(resources.shutil, "which", lambda name: None)
     monkeypatch.setattr(resources.os.path, "exists", lambda path: False)
     with pytest.raises(SystemExit, match="needs CUDA's nvcc"):
         resources.compile_report(source, "sm_90")
+
+
+def test_host_bench_times_the_fused_path_and_restores_the_dispatch(tmp_path):
+    """host_bench drives the fused kernels' host code (stand-in kernels made through
+    `_specialised`), then puts the backend dispatch back as it was."""
+    from mlx_lm.models import turboquant_attention, turboquant_cache
+    from mlx_lm.models import turboquant_kernels as kernels
+
+    before = turboquant_attention.fused_backend, turboquant_cache.fused_backend
+    kernels._decode_kernels.cache_clear()
+    out = tmp_path / "host.md"
+    load("host_bench").main(
+        ["--context", "300", "--calls", "20", "--rounds", "1", "--output", str(out)]
+    )
+    assert kernels._decode_kernels.cache_info().currsize == 1  # the fused path ran
+    assert (turboquant_attention.fused_backend, turboquant_cache.fused_backend) == before
+    assert "| fp16 | tq3 | tq3 / fp16 |" in out.read_text()

@@ -1,0 +1,101 @@
+"""Host time of one layer's decode step (cache update + attention), FP16 vs TurboQuant,
+on any machine: the fused kernels' Python path runs with stand-in kernels that only
+allocate their outputs, so what is timed is what the host does to build a step's graph.
+At batch 1 on a GPU a decode step is bound by this host work (attention_bench.py's build
+columns measure it there, with the real kernels).
+
+    python benchmarks/host_bench.py --context 4096 --rounds 9 --output host.md
+"""
+
+import argparse
+import statistics
+import time
+
+import mlx.core as mx
+
+from mlx_lm.models import turboquant_attention, turboquant_cache
+from mlx_lm.models import turboquant_kernels as kernels
+from mlx_lm.models.base import scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.turboquant_cache import TurboQuantKVCache
+
+
+def stand_in_kernel(**_):
+    """What `mx.fast.cuda_kernel` returns, minus the kernel: outputs allocated, not run."""
+
+    def call(inputs, grid, threadgroup, output_shapes, output_dtypes, **kwargs):
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+
+    return call
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=9)
+    p.add_argument("--output")
+    args = p.parse_args(argv)
+
+    kernels.KERNEL_MAKERS["stand-in"] = ("cuda", lambda: stand_in_kernel)
+    saved = turboquant_attention.fused_backend, turboquant_cache.fused_backend
+    turboquant_attention.fused_backend = turboquant_cache.fused_backend = lambda: "stand-in"
+    try:
+        table = host_table(args)
+    finally:
+        turboquant_attention.fused_backend, turboquant_cache.fused_backend = saved
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+
+
+def host_table(args) -> str:
+    H, D = args.kv_heads, args.head_dim
+    fp16, tq = KVCache(), TurboQuantKVCache(3, 3, key_scaling=True, fp16_window=64)
+    k = mx.random.normal((1, H, args.context, D)).astype(mx.float16)
+    fp16.update_and_fetch(k, k)
+    tq.update_and_fetch(k, k)
+    mx.eval(fp16.state, tq.state)
+    q = mx.random.normal((1, args.heads, 1, D)).astype(mx.float16)
+    new = mx.random.normal((1, H, 1, D)).astype(mx.float16)
+
+    def step(cache):
+        def f():
+            keys, values = cache.update_and_fetch(new, new)
+            out = scaled_dot_product_attention(q, keys, values, cache, D**-0.5, None)
+            cache.trim(1)
+            return out
+
+        return f
+
+    steps = {"fp16": step(fp16), "tq3": step(tq)}
+    times = {name: [] for name in steps}
+    for _ in range(args.rounds):  # interleaved
+        for name, f in steps.items():
+            for _ in range(args.calls // 10):
+                f()
+            tic = time.perf_counter()
+            for _ in range(args.calls):
+                f()
+            times[name].append((time.perf_counter() - tic) / args.calls * 1e6)
+    fp, tq_us = (statistics.median(times[n]) for n in ("fp16", "tq3"))
+    return "\n".join(
+        [
+            f"Host µs per layer step (update + attention, graph built, nothing run), context "
+            f"{args.context}, {args.heads} query / {H} KV heads, head_dim {D}, TurboQuant 3 "
+            f"bits with the defaults; median of {args.rounds} interleaved rounds x "
+            f"{args.calls} calls.",
+            "",
+            "| fp16 | tq3 | tq3 / fp16 |",
+            "|---|---|---|",
+            f"| {fp:.1f} | {tq_us:.1f} | {tq_us / fp:.2f}x |",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()
