@@ -11,7 +11,8 @@ For each (batch, KV head, block of query rows, split of the context) a thread gr
    the online softmax of every query row (warp shuffles), and the values in the
    rotated domain from the packed value codes, a few coordinates per lane:
    o += p_j m_j c'[idx_jd];
-3. merges its warps. One more split reads the float16 window (FP16 keys and values).
+3. merges its warps. One more split reads the float16 window (FP16 keys and values;
+   with tensor cores and up to WINDOW_STAGE coded tokens, staged through shared memory).
 
 On CUDA (power-of-two head_dim, codes of at most 4 bits) step 2 runs on tensor cores
 (`tensor_cores`, template MMA): per 32 tokens a warp computes S = Π(q∘σ_s) Ĉᵀ with
@@ -30,6 +31,10 @@ is dequantized into memory: per token the kernel reads the packed words and two 
 norms (at d = 128 and 3 bits, 100 bytes instead of FP16's 512). A decode step is two
 launches for the attention and one (`fused_quantize`) for the keys and values to code:
 on a GPU at batch 1 the step is bound by launches, not by bytes, so every op saved counts.
+
+Prefill (longer query blocks) takes the reference path, whose dequantization of the
+coded context runs here as one more kernel on a GPU (`fused_dequantize`: the keys and
+values of a layer's context in the attention's dtype, one launch), before one SDPA.
 
 The kernel body is written once; `CUDA_PRELUDE` / `METAL_PRELUDE` map its few backend
 words (thread ids, shared memory, barriers, warp shuffles, pointers) to CUDA
