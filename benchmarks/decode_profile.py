@@ -118,14 +118,14 @@ def main():
         "dequantize | other | step vs first |",
         "|---|---|---|---|---|---|---|",
     ]
-    fp16_step = statistics.median(next(iter(rows.values()))["step"])
+    first_step = statistics.median(next(iter(rows.values()))["step"])
     for name, r in rows.items():
         m = {key: statistics.median(v) * 1e3 for key, v in r.items()}
         deq = f"{m['dequantize']:.2f}" if "dequantize" in m else "-"
         other = m["step"] - m["update"] - m["attention"]
         lines.append(
             f"| {name} | {m['step']:.2f} | {m['update']:.2f} | {m['attention']:.2f} | {deq} | "
-            f"{other:.2f} | {fp16_step * 1e3 / m['step']:.2f}x |"
+            f"{other:.2f} | {first_step * 1e3 / m['step']:.2f}x |"
         )
     table = "\n".join(lines)
     print(table)

@@ -132,7 +132,7 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
     # An array mask takes SDPA's unfused path, which holds every score: a long query
     # block goes in pieces of at most MAX_SCORES scores.
     block = max(1, MAX_SCORES // (B * n_q * allowed.shape[-1]))
-    pieces = []
+    pieces, transient = [], keys.nbytes + values.nbytes
     for a in range(0, L, block):
         piece = mx.fast.scaled_dot_product_attention(
             q_rot[:, :, a : a + block],
@@ -142,6 +142,7 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
             mask=allowed[..., a : a + block, :],
         )
         scores = 4 * B * n_q * piece.shape[2] * allowed.shape[-1]
-        pieces.append(_released(piece, L, keys.nbytes + values.nbytes + scores))
+        pieces.append(_released(piece, L, transient + scores))
+        transient = 0  # the dequantized context counts once, with the first piece
     out_rot = mx.concatenate(pieces, axis=2)
     return inverse_rotate(out_rot, cache.value_signs).astype(dtype)

@@ -435,7 +435,6 @@ class TurboQuantCodec:
         On a GPU one fused launch (`fused_dequantize`) for the first `count` slots;
         elsewhere the compiled reference, in float32 and then cast, for every slot (its
         shapes change only when the buffers grow; callers slice)."""
-        means, scales = self.key_means_with_zero(), self.key_scales_with_one()
         backend = fused_backend() if quantize_supported(self.head_dim) else None
         if backend is not None:
             seg_scale, seg_mean = self._dequant_stats(inverse)
@@ -458,6 +457,7 @@ class TurboQuantCodec:
                 backend,
                 count,
             )
+        means, scales = self.key_means_with_zero(), self.key_scales_with_one()
         segments = segments.reshape(-1, 1, segments.shape[-1], 1)
         f = _kv_dequantizer(
             self.key_bits,

@@ -1068,11 +1068,11 @@ QUANTIZE_BODY = """
 #   k̂ = σ_s ∘ Πᵀ n c + μ_s      and  v̂ = Πᵀ m c'      (INVERSE: the model's domain),
 # with s the slot's key-mean segment (`TurboQuantCodec`). Template: D (a power of two),
 # KB/VB bits, KW/VW words, CENTERED, SCALED, INVERSE, SEG_ROWS (segment ids per batch
-# row: [B, T], else [T]), HKV (KV heads), out_t. Inputs: packed keys / values [BH, CAP,
-# KW|VW] u32 and norms [BH, CAP] f16 (whole buffers); segments int32 [CAP] or [B,
-# CAP]; seg_scale (σ_s,
-# model domain) and seg_mean (M_s rotated, or μ_s with INVERSE) [BH, NSEG, D] f32;
-# signs and codebooks; params f32 = {T (slots dequantized per row), CAP, NSEG}.
+# row: [B, CAP], else [CAP]), HKV (KV heads), out_t. Inputs: packed keys / values
+# [BH, CAP, KW|VW] u32 and norms [BH, CAP] f16 (whole buffers); segments int32;
+# seg_scale (σ_s, model domain) and seg_mean (M_s rotated, or μ_s with INVERSE) [BH,
+# NSEG, D] f32; signs and codebooks; params f32 = {T (slots dequantized per row), CAP,
+# NSEG}.
 # Outputs: keys and values [BH, T, D] out_t.
 DEQUANT_BODY = """
   const int T = static_cast<int>(params[0]);
@@ -1342,10 +1342,11 @@ def fused_dequantize(
     count: Optional[int] = None,
 ):
     """Keys and values of the first `count` slots (default: all) of buffers (packed
-    [B, H, CAP, words], norms [B, H, CAP]) in one launch, [B, H, count, D] in `dtype`: rotated (Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s, Πv̂) or, with
-    `inverse`, in the model's domain (k̂ = σ_s ∘ Πᵀŷ + μ_s, v̂). `segments`: int [CAP]
-    or [B, CAP], each slot's key-mean segment; `seg_mean` [B, H, NSEG, D] float32 (M_s, or
-    μ_s with `inverse`; None without centering), `seg_scale` likewise (σ_s, or None)."""
+    [B, H, CAP, words], norms [B, H, CAP]) in one launch, [B, H, count, D] in `dtype`:
+    rotated (Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s, Πv̂) or, with `inverse`, in the model's domain
+    (k̂ = σ_s ∘ Πᵀŷ + μ_s, v̂). `segments`: int [CAP] or [B, CAP], each slot's key-mean
+    segment; `seg_mean` [B, H, NSEG, D] float32 (M_s, or μ_s with `inverse`; None without
+    centering), `seg_scale` likewise (σ_s, or None)."""
     B, H, cap, kw = packed_keys.shape
     T = cap if count is None else count
     D = key_signs.shape[0]
@@ -1482,15 +1483,13 @@ def supports(queries: mx.array, cache, mask, backend: Optional[str] = None) -> b
     if not ok_mask:
         return False
     backend = fused_backend() if backend is None else backend
-    rows = n_q_heads // cache.n_kv_heads * L
-    return _fits(backend, rows, D, cache.key_bits, cache.value_bits, TENSOR_CORES)
+    mma = backend is not None and tensor_cores(backend, D, cache.key_bits, cache.value_bits)
+    return _fits(n_q_heads // cache.n_kv_heads * L, D, cache.key_bits, cache.value_bits, mma)
 
 
 @lru_cache(maxsize=None)
-def _fits(backend: Optional[str], rows: int, D: int, key_bits: int, value_bits: int, tc_flag):
-    """Whether a thread group's shared memory fits, per kind of call (made once; `tc_flag`
-    is TENSOR_CORES, which tensor_cores reads)."""
-    mma = backend is not None and tensor_cores(backend, D, key_bits, value_bits)
+def _fits(rows: int, D: int, key_bits: int, value_bits: int, mma: bool) -> bool:
+    """Whether a thread group's shared memory fits, per kind of call (made once)."""
     per_group = _rows_per_group(rows, D, mma)
     return _shared_bytes(per_group, D, key_bits, value_bits, False, mma) <= SHARED_BYTES
 
@@ -1516,10 +1515,11 @@ def _params(values: tuple) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _decode_plan(
-    D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma, stage=True
+    D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma, stage
 ):
     """The partial and merge kernels' template constants for one kind of call (built once:
-    a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal)."""
+    a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal);
+    `stage`: whether the window may be staged (WINDOW_STAGE)."""
     rows = n_q_heads // n_kv * L
     per_group = _rows_per_group(rows, D, mma)
     rot = int(_rotates_inside(D))
