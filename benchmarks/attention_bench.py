@@ -139,6 +139,11 @@ def main():
             fp16.update_and_fetch(k, v)
             tq.update_and_fetch(k, v)
             mx.eval(fp16.state, tq.state)
+        # One decode step's update, so that the float16 window holds what it holds in
+        # decode (W + 1 tokens), not a whole 4096-token update.
+        for cache in (fp16, tq):
+            cache.update_and_fetch(new, new)
+            mx.eval(cache.state)
         keys, values = fp16.state
 
         def update(cache):

@@ -51,15 +51,14 @@ def decode_plans():
     """(label, partial template) of the partial kernels a decode step of these shapes
     launches; `_decode_plan`'s own constants, so this follows the code."""
     plans = []
-    for label, D, n_q, n_kv, mma, stage in [
-        ("qwen2.5-7b mma, window staged (short contexts)", 128, 28, 4, True, True),
-        ("qwen2.5-7b mma, window not staged (long contexts)", 128, 28, 4, True, False),
-        ("qwen2.5-7b per-lane", 128, 28, 4, False, False),
-        ("gemma3 mma", 256, 4, 1, True, False),
+    for label, D, n_q, n_kv, mma in [
+        ("qwen2.5-7b mma", 128, 28, 4, True),
+        ("qwen2.5-7b per-lane", 128, 28, 4, False),
+        ("gemma3 mma", 256, 4, 1, True),
     ]:
         kw = vw = D * 3 // 32
         flags = (1, 0, 1, 0)  # key scaling, no ring, a float16 window, one query token
-        args = (D, n_q, n_kv, 1, 3, 3, kw, vw, 8, flags, mma, stage)
+        args = (D, n_q, n_kv, 1, 3, 3, kw, vw, 8, flags, mma)
         partial, _, _ = kernels._decode_plan(*args)
         plans.append((label, partial))
     return plans

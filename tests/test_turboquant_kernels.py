@@ -377,13 +377,6 @@ if pytest is not None:
         monkeypatch.setattr(kernels, "TENSOR_CORES", tensor_cores)
         _check_case(c, emulated)
 
-    @pytest.mark.parametrize("c", [c for c in EMULATED_CASES if c["window"]])
-    def test_emulated_unstaged_window_matches_reference(c, emulated, monkeypatch):
-        """The tensor-core kernel's float16 window read straight from memory, as it is
-        past WINDOW_STAGE tokens (the cases above stage it)."""
-        monkeypatch.setattr(kernels, "WINDOW_STAGE", 0)
-        _check_case(c, emulated)
-
     @pytest.mark.slow
     def test_emulated_kernel_on_real_smollm2_layer(emulated, smollm2, prose):
         """Real keys and values (SmolLM2, 200 tokens of prose, a middle layer)."""
@@ -446,11 +439,11 @@ if pytest is not None:
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the
         float16 window differs from the reference."""
-        broken = kernels.PARTIAL_BODY.replace(
-            "lo_r[i] = in_window ? bound : pad", "lo_r[i] = in_window ? bound + 1 : pad"
+        broken = kernels.MERGE_BODY.replace(
+            "c = max(start, first); c < hi;", "c = max(start, first) + 1; c < hi;"
         )
-        assert broken != kernels.PARTIAL_BODY
-        monkeypatch.setattr(kernels, "PARTIAL_BODY", broken)
+        assert broken != kernels.MERGE_BODY
+        monkeypatch.setattr(kernels, "MERGE_BODY", broken)
         kernels._specialised.cache_clear()
         kernels._decode_kernels.cache_clear()
         try:
@@ -559,7 +552,6 @@ struct __half {
 };
 inline float __shfl_sync(unsigned, float x, int) { return x; }
 inline uint32_t tq_half2_bits(float, float) { return 0; }
-inline uint32_t tq_halves_bits(__half, __half) { return 0; }
 inline float tq_round_half(float x) { return x; }
 template <typename C, typename A, typename B>
 void tq_mma(C c, A a, B b) { c[0] += static_cast<float>(a[0] + b[0]); }
@@ -611,7 +603,6 @@ PARTIAL_TEMPLATES = [
         HKV=4,
         STAGE=0,
         MMA=1,
-        WSTAGE=1,
     ),
     dict(
         D=64,
@@ -632,7 +623,6 @@ PARTIAL_TEMPLATES = [
         HKV=2,
         STAGE=1,
         MMA=0,
-        WSTAGE=0,
     ),
     dict(
         D=256,
@@ -653,7 +643,6 @@ PARTIAL_TEMPLATES = [
         HKV=1,
         STAGE=0,
         MMA=0,
-        WSTAGE=0,
     ),
 ]
 DEQUANT_TEMPLATES = [
@@ -702,7 +691,10 @@ def translation_unit(backend: str, segment_type: str) -> str:
         kernels.PARTIAL_OUTPUTS,
         PARTIAL_TEMPLATES,
     )
-    merge_instances = [dict(D=128, R=7, WIN=1, ROT=1), dict(D=64, R=12, WIN=0, ROT=0)]
+    merge_instances = [
+        dict(D=128, R=7, L=1, WIN=1, ROT=1, HKV=4),
+        dict(D=64, R=12, L=4, WIN=0, ROT=0, HKV=2),
+    ]
     unit += kernel(
         "merge_kernel", merge, kernels.MERGE_INPUTS, ["out"], merge_instances, "typename out_t"
     )

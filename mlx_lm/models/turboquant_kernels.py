@@ -11,8 +11,7 @@ For each (batch, KV head, block of query rows, split of the context) a thread gr
    the online softmax of every query row (warp shuffles), and the values in the
    rotated domain from the packed value codes, a few coordinates per lane:
    o += p_j m_j c'[idx_jd];
-3. merges its warps. One more split reads the float16 window (FP16 keys and values;
-   with tensor cores and up to WINDOW_STAGE coded tokens, staged through shared memory).
+3. merges its warps.
 
 On CUDA (power-of-two head_dim, codes of at most 4 bits) step 2 runs on tensor cores
 (`tensor_cores`, template MMA): per 32 tokens a warp computes S = Π(q∘σ_s) Ĉᵀ with
@@ -26,7 +25,11 @@ Measured on the H200 (Qwen2.5-7B shapes, one layer's attention, per call in one 
 instruction in this source and runs the per-lane path.
 
 A second small kernel merges the splits (flash-decoding), rotates the codes' part back
-(Π⁻¹, the same butterfly), adds the window's part and writes the model's dtype. Nothing
+(Π⁻¹, the same butterfly), attends to the float16 window itself (a few dozen FP16 keys
+and values per row) and merges that in, and writes the model's dtype. The window is not
+a split of the first kernel: its branches in the token loop made every code split
+slower (H200, Qwen2.5-7B shapes, µs per call with a 64-token window / none: 4K 29.1 /
+21.1, 32K 58.3 / 40.6, 128K 116.8 / 82.3, 8 x 32K 224.3 / 141.0). Nothing
 is dequantized into memory: per token the kernel reads the packed words and two float16
 norms (at d = 128 and 3 bits, 100 bytes instead of FP16's 512). A decode step is two
 launches for the attention and one (`fused_quantize`) for the keys and values to code:
@@ -66,13 +69,6 @@ THREADS = 128
 # Score and sum on tensor cores where the backend has them (`tensor_cores`); tests turn
 # this off to check the per-lane path, which Metal runs.
 TENSOR_CORES = True
-# The float16 window's split stages its keys and values in shared memory (tensor cores,
-# head_dim <= 128; see WSTAGE in the partial kernel) while batch x coded tokens are at
-# most this many; 0: never. Staging costs the code splits registers (188 against 168:
-# two groups an SM instead of three). Measured on the H200 (Qwen2.5-7B shapes, µs a
-# call, staged / not): 4K 31.3 / 48.5, 32K 69.2 / 73.6, 128K 158.9 / 125.9, 8 x 32K
-# 250.7 / 230.5.
-WINDOW_STAGE = 65536
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
 # least MIN_TOKENS_PER_SPLIT tokens. Measured on the H200 (Qwen2.5-7B shapes, µs per
@@ -97,7 +93,6 @@ typedef unsigned long long tq_u64;
 struct alignas(16) tq_frag {  // four fragment registers: one 16-byte shared load
   uint32_t x, y, z, w;
 };
-#define TQ_LOAD16(p) (*reinterpret_cast<const tq_frag*>(p))
 #if defined(__CUDACC__)  // NVRTC; the CPU emulator and the syntax check bring their own
 // c += a b: one warp's m16n8k16 tensor-core product (PTX mma.sync), float16 a [16 x 16]
 // and b [16 x 8] in the PTX fragment layouts, float32 sums.
@@ -113,10 +108,6 @@ TQ_FN void tq_mma(C c, A a, B b) {
 TQ_FN uint32_t tq_half2_bits(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
-}
-TQ_FN uint32_t tq_halves_bits(half_t lo, half_t hi) {
-  return static_cast<uint32_t>(__half_as_ushort(lo)) |
-         (static_cast<uint32_t>(__half_as_ushort(hi)) << 16);
 }
 TQ_FN float tq_round_half(float x) { return __half2float(__float2half_rn(x)); }
 #endif
@@ -138,9 +129,7 @@ typedef ulong tq_u64;
 struct tq_frag {
   uint32_t x, y, z, w;
 };
-#define TQ_LOAD16(p) (*reinterpret_cast<const device tq_frag*>(p))
 TQ_FN uint32_t tq_half2_bits(float lo, float hi) { return as_type<uint32_t>(half2(lo, hi)); }
-TQ_FN uint32_t tq_halves_bits(half_t lo, half_t hi) { return as_type<uint32_t>(half2(lo, hi)); }
 TQ_FN float tq_round_half(float x) { return static_cast<float>(static_cast<half>(x)); }
 // No tensor-core product here: the host sets MMA = 0 on Metal (the per-lane path runs).
 template <typename C, typename A, typename B>
@@ -204,28 +193,6 @@ TQ_FN void tq_stream(Words words, int bit0, Out out) {
   out[NW] = 0u;
 }
 
-// Rows [j0, j0 + 16) of a float16 [*, D] array (`src` at row j0) into shared words,
-// ROWW words a row (zeros from row `end` on): a warp's coalesced 16-byte loads, all
-// issued before the first use (one wait on memory).
-template <int D, int ROWW, typename Src, typename Dst>
-TQ_FN void tq_stage16(Src src, int j0, int end, Dst dst, int lane) {
-  constexpr int V = D / 8;  // 16-byte vectors a row
-#pragma unroll
-  for (int i = lane; i < 16 * V; i += 32) {
-    const int r = i / V;
-    const int c = i - r * V;
-    tq_frag x = {0u, 0u, 0u, 0u};
-    if (j0 + r < end) {
-      x = TQ_LOAD16(src + (size_t)r * D + c * 8);
-    }
-    const int at = r * ROWW + c * 4;
-    dst[at] = x.x;
-    dst[at + 1] = x.y;
-    dst[at + 2] = x.z;
-    dst[at + 3] = x.w;
-  }
-}
-
 // Sum and max over the 32 lanes of a warp (a Metal SIMD group); every lane gets them.
 TQ_FN float tq_warp_sum(float x) {
   for (int m = 16; m > 0; m >>= 1) {
@@ -277,13 +244,12 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 
 # The decode kernel. A thread group takes one KV head of one sequence (bh), up to RC of
 # its R query rows (row r = g L + l: GQA head g, query token l) and one split of the
-# slots: split < SPLITS takes a range of the coded slots, split == SPLITS (WIN) the
-# float16 window. Each of its NT / 32 warps runs flash decoding on its own tokens (a
-# token per lane for the scores, DPL = D / 32 coordinates per lane for the values); the
-# warps merge at the end. Row r's query sits at slot t = slots - L + l and reads
-#   codes:  slots [pad, min(coded, bound)),  bound = start (the row's first float16 slot
-#           read) with a float16 buffer, t + 1 if CAUSAL, else everything coded;
-#   window: slots [start, t + 1) of the float16 buffer (which starts at slot `first`).
+# coded slots. Each of its NT / 32 warps runs flash decoding on its own tokens (a token
+# per lane for the scores, DPL = D / 32 coordinates per lane for the values); the warps
+# merge at the end. Row r's query sits at slot t = slots - L + l and reads the codes of
+# slots [pad, min(coded, bound)), bound = start (the row's first float16 slot read) with
+# a float16 buffer (WIN; the merge kernel reads that part), t + 1 if CAUSAL, else
+# everything coded.
 # Keys of segment s are scored as Π(q∘σ_s)·(n_j c_j + M̃_s) with M̃_s = Π(μ_s/σ_s)
 # (`TurboQuantCodec`; σ = 1 without key scaling): the group rotates its queries once per
 # segment its tokens fall in (segment ids from positions, or from `segments` in a ring).
@@ -293,8 +259,7 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 # staged in shared memory). What grows with the context is a runtime parameter, so a
 # long generation compiles nothing new. Inputs: q [BH, R, D]; key_signs [D];
 # seg_scale / seg_mean [BH, NSEG, D] f32; packed keys / values [BH, CAP, KW|VW] u32 and
-# norms [BH, CAP] f16; segments [CAP] (ring); window_keys / values [BH, slots - first,
-# D]; codebooks; params f32 = {coded, per_split, scale, slots, first, cap, SPLITS, NSEG
+# norms [BH, CAP] f16; segments [CAP] (ring); codebooks; params f32 = {coded, per_split, scale, slots, first, cap, SPLITS, NSEG
 # (segments held, 0: no centering), then pad and start per sequence}. Outputs per (bh,
 # split, row): the unnormalised output, the running max and the sum of the softmax.
 PARTIAL_BODY = """
@@ -317,19 +282,15 @@ PARTIAL_BODY = """
   const int per_split = static_cast<int>(params[1]);
   const float sc = params[2];
   const int slots = static_cast<int>(params[3]);
-  const int first = static_cast<int>(params[4]);
   const int cap = static_cast<int>(params[5]);
   const int splits = static_cast<int>(params[6]);
   const int nseg = static_cast<int>(params[7]);
-  const int nsplit = splits + WIN;
-  const int split = tq_group % nsplit;
-  const int chunk = (tq_group / nsplit) % CHUNKS;
-  const int bh = tq_group / (nsplit * CHUNKS);
+  const int split = tq_group % splits;
+  const int chunk = (tq_group / splits) % CHUNKS;
+  const int bh = tq_group / (splits * CHUNKS);
   const int pad = static_cast<int>(params[8 + 2 * (bh / HKV)]);
   const int start = static_cast<int>(params[9 + 2 * (bh / HKV)]);
-  const int n_window = slots - first;
   const int r0 = chunk * RC;
-  const bool in_window = WIN && split == splits;
 
   TQ_SHARED float qs[RC * D];
   TQ_SHARED float qm[RC];
@@ -346,14 +307,6 @@ PARTIAL_BODY = """
   // (q = hi + lo to ~2^-22), and float16 centroid pairs indexed by two codes.
   TQ_SHARED tq_frag qfrag[MMA ? 2 * KT * 32 : 1];
   TQ_SHARED uint32_t key_pairs[MMA ? 1 << (2 * KB) : 1];
-  // WSTAGE (host: MMA, WIN, head_dim <= 128): the float16 window's split stages its
-  // 32 tokens' keys, then 16 tokens' values at a time, per warp here with coalesced
-  // loads, and reads its fragments from shared memory, not with scattered 2-byte
-  // loads that each wait on memory (those cost 21-25 µs a call at Qwen2.5-7B shapes).
-  // Rows of D / 2 + 1 words, so that the fragment reads of a warp fall in different
-  // banks (at most two lanes a bank).
-  constexpr int WROWW = D / 2 + 1;
-  TQ_SHARED uint32_t wstage[WSTAGE ? NW * 32 * WROWW : 1];
   TQ_SHARED uint32_t value_pairs[MMA ? 1 << (2 * VB) : 1];
   for (int i = tq_tid; i < (1 << KB); i += NT) {
     key_cb[i] = key_codebook[i];
@@ -371,7 +324,7 @@ PARTIAL_BODY = """
     }
   }
 
-  // The slots each row reads in this group's part (codes or window), and their union.
+  // The coded slots each row reads, and their union within this group's split.
   int lo_r[RC];
   int hi_r[RC];
   int lo = 1 << 30;
@@ -379,17 +332,13 @@ PARTIAL_BODY = """
   for (int i = 0; i < RC; i++) {
     const int t = slots - L + (min(r0 + i, R - 1) % L);
     const int bound = WIN ? start : (CAUSAL ? t + 1 : coded);
-    lo_r[i] = in_window ? bound : pad;
-    hi_r[i] = in_window ? t + 1 : min(bound, coded);
+    lo_r[i] = pad;
+    hi_r[i] = min(bound, coded);
     lo = min(lo, lo_r[i]);
     hi = max(hi, hi_r[i]);
   }
-  if (in_window) {
-    lo = max(lo, first);
-  } else {
-    lo = max(lo, split * per_split);
-    hi = min(hi, (split + 1) * per_split);
-  }
+  lo = max(lo, split * per_split);
+  hi = min(hi, (split + 1) * per_split);
 
   float mr[2] = {-INFINITY, -INFINITY};  // MMA: rows g and g + 8 of the lane's quad
   float lr[2] = {0.0f, 0.0f};
@@ -415,8 +364,8 @@ PARTIAL_BODY = """
     }
   }
 
-  // One pass per key-mean segment the group's slots hold (one for the window).
-  const bool by_segment = !in_window && nseg > 1;
+  // One pass per key-mean segment the group's slots hold.
+  const bool by_segment = nseg > 1;
   int s_first = 0;
   int s_last = 0;
   if (by_segment && RING) {
@@ -436,23 +385,21 @@ PARTIAL_BODY = """
       }
     }
     // (a) The rows' queries as scored: Π(q∘σ_s) (signs, then a butterfly over all
-    // rows), or q itself against the float16 window.
+    // rows).
     TQ_SYNC();
     for (int i = tq_tid; i < RC * D; i += NT) {
       const int e = i % D;
       float x = static_cast<float>(q[((size_t)bh * R + min(r0 + i / D, R - 1)) * D + e]);
-      if (!in_window) {
-        if (SCALED) {
-          x *= seg_scale[((size_t)bh * nseg + sid) * D + e];
-        }
-        if (ROT) {
-          x *= key_signs[e];
-        }
+      if (SCALED) {
+        x *= seg_scale[((size_t)bh * nseg + sid) * D + e];
+      }
+      if (ROT) {
+        x *= key_signs[e];
       }
       qs[i] = x;
     }
     TQ_SYNC();
-    if (ROT && !in_window) {
+    if (ROT) {
       for (int len = 1; len < D; len <<= 1) {
         for (int i = tq_tid; i < RC * D / 2; i += NT) {
           const int p = i % (D / 2);
@@ -472,7 +419,7 @@ PARTIAL_BODY = """
     // (Π(q∘σ_s))·M̃_s, a warp per row.
     for (int i = warp; i < RC; i += NW) {
       float dot = 0.0f;
-      if (nseg > 0 && !in_window) {
+      if (nseg > 0) {
         for (int e = lane; e < D; e += 32) {
           dot += qs[i * D + e] * seg_mean[((size_t)bh * nseg + sid) * D + e];
         }
@@ -534,7 +481,7 @@ PARTIAL_BODY = """
         for (int w = 0; w <= KSW; w++) {
           ks[nt][w] = 0u;
         }
-        if (!in_window && j < pass_hi) {
+        if (j < pass_hi) {
           tq_stream<QD * KB>(packed_keys + ((size_t)bh * cap + j) * KW, t * QD * KB, ks[nt]);
         }
       }
@@ -547,7 +494,7 @@ PARTIAL_BODY = """
           for (int w = 0; w <= VSW; w++) {
             vs[kt2][u][w] = 0u;
           }
-          if (!in_window && j < pass_hi) {
+          if (j < pass_hi) {
             tq_stream<VD * VB>(packed_values + ((size_t)bh * cap + j) * VW, g * VD * VB,
                                vs[kt2][u]);
           }
@@ -563,20 +510,9 @@ PARTIAL_BODY = """
             ok = static_cast<int>(segments[j]) == s;
           }
           live[nt][e] = ok;
-          kn[nt][e] = ok && !in_window ? static_cast<float>(key_norms[(size_t)bh * cap + j]) : 1.0f;
-          vn[nt][e] = ok && !in_window ? static_cast<float>(value_norms[(size_t)bh * cap + j])
-                                       : 1.0f;
+          kn[nt][e] = ok ? static_cast<float>(key_norms[(size_t)bh * cap + j]) : 1.0f;
+          vn[nt][e] = ok ? static_cast<float>(value_norms[(size_t)bh * cap + j]) : 1.0f;
         }
-      }
-      const int wst = warp * 32 * WROWW;
-      if (WSTAGE && in_window) {
-        TQ_WARP_SYNC();
-        for (int hf = 0; hf < 2; hf++) {
-          const int j0 = base + 16 * hf;
-          tq_stage16<D, WROWW>(window_keys + ((size_t)bh * n_window + j0 - first) * D, j0,
-                               pass_hi, wstage + wst + 16 * hf * WROWW, lane);
-        }
-        TQ_WARP_SYNC();
       }
       // S, with the hi and lo query parts in separate sums (two short chains of
       // dependent products instead of one long one).
@@ -598,22 +534,8 @@ PARTIAL_BODY = """
         const uint32_t a_lo[4] = {ql.x, ql.y, ql.z, ql.w};
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
-          uint32_t b[2] = {0u, 0u};
-          const int j = base + nt * 8 + g;
-          if (WSTAGE && in_window) {
-            const int at = wst + (nt * 8 + g) * WROWW + (t * QD + 4 * kt) / 2;
-            b[0] = wstage[at];
-            b[1] = wstage[at + 1];
-          } else if (in_window) {
-            if (j < pass_hi) {
-              auto k = window_keys + ((size_t)bh * n_window + j - first) * D + t * QD + 4 * kt;
-              b[0] = tq_halves_bits(static_cast<half_t>(k[0]), static_cast<half_t>(k[1]));
-              b[1] = tq_halves_bits(static_cast<half_t>(k[2]), static_cast<half_t>(k[3]));
-            }
-          } else {
-            b[0] = key_pairs[tq_code(ks[nt], 2 * kt, 2 * KB)];
-            b[1] = key_pairs[tq_code(ks[nt], 2 * kt + 1, 2 * KB)];
-          }
+          const uint32_t b[2] = {key_pairs[tq_code(ks[nt], 2 * kt, 2 * KB)],
+                                 key_pairs[tq_code(ks[nt], 2 * kt + 1, 2 * KB)]};
           tq_mma(sv[nt], a_hi, b);
           tq_mma(sl[nt], a_lo, b);
         }
@@ -632,8 +554,8 @@ PARTIAL_BODY = """
         const int i = g + 8 * h;
         const int t_row = slots - L + (min(r0 + i, R - 1) % L);
         const int bound = WIN ? start : (CAUSAL ? t_row + 1 : coded);
-        const int row_lo = in_window ? bound : pad;
-        const int row_hi = in_window ? t_row + 1 : min(bound, coded);
+        const int row_lo = pad;
+        const int row_hi = min(bound, coded);
         const float mean_dot = i < RC ? qm[i] : 0.0f;
         float x[4][2];
         float top = -INFINITY;
@@ -685,21 +607,6 @@ PARTIAL_BODY = """
       }
 #pragma unroll
       for (int kt2 = 0; kt2 < 2; kt2++) {
-        if (WSTAGE && in_window) {
-          const int j0 = base + 16 * kt2;
-          TQ_WARP_SYNC();
-          tq_stage16<D, WROWW>(window_values + ((size_t)bh * n_window + j0 - first) * D, j0,
-                               pass_hi, wstage + wst, lane);
-          TQ_WARP_SYNC();
-        }
-        // The lane's tokens of this k-tile: u = 0..3 -> 2t, 2t + 1, 2t + 8, 2t + 9.
-        bool vlive[4];
-        int vj[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-          vj[u] = base + 16 * kt2 + 2 * t + (u & 1) + 8 * (u >> 1);
-          vlive[u] = vj[u] < pass_hi;
-        }
         uint32_t b[2][2];
 #pragma unroll
         for (int rt = 0; rt < ROWT; rt++) {
@@ -708,43 +615,18 @@ PARTIAL_BODY = """
         }
 #pragma unroll
         for (int mt = 0; mt < KT; mt++) {
-          uint32_t a[4];
-          if (WSTAGE && in_window) {
-            // Word (dims d, d + 1) of each token u; A registers pair tokens per dim.
-            uint32_t w[4];
+          // The lane's tokens u = 0..3 of this k-tile (2t, 2t + 1, 2t + 8, 2t + 9): A
+          // registers pair two tokens' codes of one value dim.
+          constexpr uint32_t M = (1u << VB) - 1u;
+          uint32_t f[4];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-              w[u] = wstage[wst + (2 * t + (u & 1) + 8 * (u >> 1)) * WROWW + (g * VD) / 2 + mt];
-            }
-            a[0] = (w[0] & 0xffffu) | (w[1] << 16);
-            a[1] = (w[0] >> 16) | (w[1] & 0xffff0000u);
-            a[2] = (w[2] & 0xffffu) | (w[3] << 16);
-            a[3] = (w[2] >> 16) | (w[3] & 0xffff0000u);
-          } else if (in_window) {
-            const int d = g * VD + 2 * mt;
-            half_t x[4][2];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-              auto v = window_values + ((size_t)bh * n_window + vj[u] - first) * D + d;
-              x[u][0] = static_cast<half_t>(vlive[u] ? static_cast<float>(v[0]) : 0.0f);
-              x[u][1] = static_cast<half_t>(vlive[u] ? static_cast<float>(v[1]) : 0.0f);
-            }
-            a[0] = tq_halves_bits(x[0][0], x[1][0]);
-            a[1] = tq_halves_bits(x[0][1], x[1][1]);
-            a[2] = tq_halves_bits(x[2][0], x[3][0]);
-            a[3] = tq_halves_bits(x[2][1], x[3][1]);
-          } else {
-            constexpr uint32_t M = (1u << VB) - 1u;
-            uint32_t f[4];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-              f[u] = tq_code(vs[kt2][u], mt, 2 * VB);
-            }
-            a[0] = value_pairs[(f[0] & M) | ((f[1] & M) << VB)];
-            a[1] = value_pairs[(f[0] >> VB) | ((f[1] >> VB) << VB)];
-            a[2] = value_pairs[(f[2] & M) | ((f[3] & M) << VB)];
-            a[3] = value_pairs[(f[2] >> VB) | ((f[3] >> VB) << VB)];
+          for (int u = 0; u < 4; u++) {
+            f[u] = tq_code(vs[kt2][u], mt, 2 * VB);
           }
+          const uint32_t a[4] = {value_pairs[(f[0] & M) | ((f[1] & M) << VB)],
+                                 value_pairs[(f[0] >> VB) | ((f[1] >> VB) << VB)],
+                                 value_pairs[(f[2] & M) | ((f[3] & M) << VB)],
+                                 value_pairs[(f[2] >> VB) | ((f[3] >> VB) << VB)]};
 #pragma unroll
           for (int rt = 0; rt < ROWT; rt++) {
             tq_mma(oacc[rt][mt], a, b[rt]);
@@ -756,7 +638,7 @@ PARTIAL_BODY = """
     for (int base = pass_lo + warp * 32; !MMA && base < pass_hi; base += NT) {
       const int j = base + lane;
       const int n = min(32, pass_hi - base);
-      if (STAGE && !in_window) {
+      if (STAGE) {
         const size_t slot0 = (size_t)bh * cap + base;
         for (int i = lane; i < n * KW; i += 32) {
           const int t = i / KW;
@@ -777,17 +659,7 @@ PARTIAL_BODY = """
       }
       float norm = 0.0f;
       float value_scale = 0.0f;
-      if (live && in_window) {
-        auto k = window_keys + ((size_t)bh * n_window + j - first) * D;
-        for (int e = 0; e < D; e++) {
-          const float x = static_cast<float>(k[e]);
-          for (int i = 0; i < RC; i++) {
-            dots[i] += qs[i * D + e] * x;
-          }
-        }
-        norm = 1.0f;
-        value_scale = 1.0f;
-      } else if (live) {
+      if (live) {
         // The token's words into registers (independent loads, issued together), then
         // scores straight from the codes: n_j Σ_d (Πq)_d c[idx_jd].
         uint32_t kw[KW + 1];
@@ -827,23 +699,16 @@ PARTIAL_BODY = """
       // Values: lane owns coordinates lane * DPL ...; o += p_j m_j c'[idx_jd].
       for (int t = 0; t < n; t++) {
         float v[DPL];
-        if (in_window) {
-          auto x = window_values + ((size_t)bh * n_window + base + t - first) * D;
-          for (int k = 0; k < DPL; k++) {
-            v[k] = static_cast<float>(x[lane * DPL + k]);
+        for (int k0 = 0; k0 < DPL; k0 += CH) {
+          uint32_t codes[CH];
+          if (STAGE) {
+            tq_codes<CH>(value_stage + (warp * 32 + t) * VW, lane * DPL + k0, VB, codes);
+          } else {
+            tq_codes<CH>(packed_values + ((size_t)bh * cap + base + t) * VW, lane * DPL + k0,
+                         VB, codes);
           }
-        } else {
-          for (int k0 = 0; k0 < DPL; k0 += CH) {
-            uint32_t codes[CH];
-            if (STAGE) {
-              tq_codes<CH>(value_stage + (warp * 32 + t) * VW, lane * DPL + k0, VB, codes);
-            } else {
-              tq_codes<CH>(packed_values + ((size_t)bh * cap + base + t) * VW, lane * DPL + k0,
-                           VB, codes);
-            }
-            for (int k = 0; k < CH; k++) {
-              v[k0 + k] = value_cb[codes[k]];
-            }
+          for (int k = 0; k < CH; k++) {
+            v[k0 + k] = value_cb[codes[k]];
           }
         }
         for (int i = 0; i < RC; i++) {
@@ -919,7 +784,7 @@ PARTIAL_BODY = """
     }
     TQ_SYNC();
   }
-  const size_t out_base = ((size_t)bh * nsplit + split) * R;
+  const size_t out_base = ((size_t)bh * splits + split) * R;
   for (int i = tq_tid; i < RC * D; i += NT) {
     if (r0 + i / D < R) {
       partial_out[(out_base + r0 + i / D) * D + i % D] = qs[i];
@@ -941,17 +806,32 @@ PARTIAL_BODY = """
 """
 
 # One thread group of D threads per (batch x KV head x row): merge the code splits
-# (flash-decoding), rotate them back (ROT: Π⁻¹y = D H y / sqrt(D)), add the float16
-# window's split (already in the model's domain), normalise, write the model's dtype.
+# (flash-decoding) and rotate them back (ROT: Π⁻¹y = D H y / sqrt(D)); with a float16
+# buffer (WIN), attend to the row's part of it, slots [max(start, first), t + 1) (the
+# partial kernel reads codes only), and merge the two; normalise, write the model's
+# dtype. The buffer is scored against q as given: the model's domain, or (ROT = 0) both
+# rotated by the host, whose output is then rotated too. Its tokens go WCHUNK at a time
+# (online softmax), a token per warp for the scores and the values, each lane taking
+# the dims lane, lane + 32, ...: coalesced loads. Template: D, R, L, WIN, ROT, HKV.
+# Inputs: the partial kernel's outputs, value_signs [D], q [BH, R, D], window_keys /
+# values [BH, slots - first, D], params (the partial kernel's).
 MERGE_BODY = """
+  constexpr int NW = D / 32;
+  constexpr int DPL = D / 32;
+  constexpr int WCHUNK = 256;
   const int row = tq_group;
+  const int bh = row / R;
   const int d = tq_tid;
+  const int lane = d & 31;
+  const int warp = d >> 5;
   const int splits = static_cast<int>(params[6]);
-  const int nsplit = splits + WIN;
   TQ_SHARED float h[D];
-  const int entry = ((row / R) * nsplit) * R + row % R;
+  TQ_SHARED float qrow[WIN ? D : 1];
+  TQ_SHARED float scores[WIN ? WCHUNK : 1];
+  TQ_SHARED float warp_out[WIN ? NW * D : 1];
+  const int entry = bh * splits * R + row % R;
   float top = -INFINITY;
-  for (int s = 0; s < nsplit; s++) {
+  for (int s = 0; s < splits; s++) {
     top = max(top, partial_max[entry + s * R]);
   }
   float num = 0.0f;
@@ -969,10 +849,70 @@ MERGE_BODY = """
     o = h[d] * value_signs[d];
   }
   if (WIN) {
-    const int k = entry + splits * R;
-    const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - top);
-    o += w * partial_out[(size_t)k * D + d];
-    den += w * partial_sum[k];
+    const float sc = params[2];
+    const int slots = static_cast<int>(params[3]);
+    const int first = static_cast<int>(params[4]);
+    const int start = static_cast<int>(params[9 + 2 * (bh / HKV)]);
+    const int n_window = slots - first;
+    const int hi = slots - L + row % R % L + 1;
+    qrow[d] = static_cast<float>(q[(size_t)row * D + d]);
+    float wm = -INFINITY;  // the window part's max, sum and (per lane) outputs
+    float wl = 0.0f;
+    float wo[DPL];
+    for (int k = 0; k < DPL; k++) {
+      wo[k] = 0.0f;
+    }
+    for (int c = max(start, first); c < hi; c += WCHUNK) {
+      const int n = min(WCHUNK, hi - c);
+      TQ_SYNC();  // qrow written; the previous chunk's scores read
+      for (int i = warp; i < n; i += NW) {
+        auto key = window_keys + ((size_t)bh * n_window + c + i - first) * D;
+        float dot = 0.0f;
+        for (int k = 0; k < DPL; k++) {
+          dot += qrow[lane + 32 * k] * static_cast<float>(key[lane + 32 * k]);
+        }
+        dot = tq_warp_sum(dot);
+        if (lane == 0) {
+          scores[i] = sc * dot;
+        }
+      }
+      TQ_SYNC();
+      float chunk_max = -INFINITY;
+      for (int i = lane; i < n; i += 32) {
+        chunk_max = max(chunk_max, scores[i]);
+      }
+      const float m_new = max(wm, tq_warp_max(chunk_max));
+      float sum = 0.0f;
+      for (int i = lane; i < n; i += 32) {
+        sum += TQ_EXP(scores[i] - m_new);
+      }
+      const float alpha = TQ_EXP(wm - m_new);
+      wl = wl * alpha + tq_warp_sum(sum);
+      wm = m_new;
+      for (int k = 0; k < DPL; k++) {
+        wo[k] *= alpha;
+      }
+      for (int i = warp; i < n; i += NW) {
+        auto value = window_values + ((size_t)bh * n_window + c + i - first) * D;
+        const float p = TQ_EXP(scores[i] - m_new);
+        for (int k = 0; k < DPL; k++) {
+          wo[k] += p * static_cast<float>(value[lane + 32 * k]);
+        }
+      }
+    }
+    for (int k = 0; k < DPL; k++) {
+      warp_out[warp * D + lane + 32 * k] = wo[k];
+    }
+    TQ_SYNC();
+    float window_o = 0.0f;
+    for (int w = 0; w < NW; w++) {
+      window_o += warp_out[w * D + d];
+    }
+    const float both = max(top, wm);
+    const float fc = top == -INFINITY ? 0.0f : TQ_EXP(top - both);
+    const float fw = wm == -INFINITY ? 0.0f : TQ_EXP(wm - both);
+    o = o * fc + window_o * fw;
+    den = den * fc + wl * fw;
   }
   out[(size_t)row * D + d] = static_cast<out_t>(o / den);
 """
@@ -1129,14 +1069,21 @@ PARTIAL_INPUTS = [
     "packed_values",
     "value_norms",
     "segments",
-    "window_keys",
-    "window_values",
     "key_codebook",
     "value_codebook",
     "params",
 ]
 PARTIAL_OUTPUTS = ["partial_out", "partial_max", "partial_sum"]
-MERGE_INPUTS = ["partial_out", "partial_max", "partial_sum", "value_signs", "params"]
+MERGE_INPUTS = [
+    "partial_out",
+    "partial_max",
+    "partial_sum",
+    "value_signs",
+    "q",
+    "window_keys",
+    "window_values",
+    "params",
+]
 
 QUANTIZE_INPUTS = [
     "keys",
@@ -1248,9 +1195,25 @@ def _specialised(backend: str, index: int, template: tuple):
         name=name + tag,
         input_names=inputs,
         output_names=outputs,
-        source=consts + bodies[index],
-        header=header,
+        source=compact_source(consts + bodies[index]),
+        header=compact_source(header),
     )
+
+
+def compact_source(source: str) -> str:
+    """The source without comments, indentation and blank lines: MLX's CUDA backend
+    handles the whole source string at every kernel call (on the H200, a call with 14
+    inputs took 16.1 µs to build and run with a 32 KB source, 12.3 µs with 16 KB; the
+    partial kernel's source is 29 KB as written, 20 KB compacted). Lines holding a
+    string literal (inline PTX) keep their comments."""
+    lines = []
+    for line in source.splitlines():
+        if '"' not in line:
+            line = line.split("//", 1)[0]
+        line = line.strip()
+        if line:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
 
 
 def _launch(backend: str, index: int, template, **kwargs):
@@ -1438,20 +1401,16 @@ def _shared_bytes(
     value_bits: int,
     stage: bool,
     mma: bool = False,
-    window_stage: bool = False,
 ) -> int:
     """Shared memory of a thread group: queries, probabilities, codebooks, per-warp
     maxima and sums, (`stage`) the warps' staged key and value words, (`mma`) the
-    query fragments and centroid-pair tables, and (`window_stage`) the window's staged
-    float16 words."""
+    query fragments and centroid-pair tables."""
     kw, vw = packed_words(head_dim, key_bits), packed_words(head_dim, value_bits)
     probs = 0 if mma else THREADS
     floats = rows * (head_dim + 1 + probs + 2 * (THREADS // 32)) + 2**key_bits + 2**value_bits
     words = THREADS * ((kw | 1) + vw) if stage else 0
     if mma:
         words += 2 * head_dim // 16 * 32 * 4 + 4**key_bits + 4**value_bits
-    if window_stage:
-        words += THREADS * (head_dim // 2 + 1)
     return 4 * (floats + words)
 
 
@@ -1514,19 +1473,13 @@ def _params(values: tuple) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _decode_plan(
-    D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma, stage
-):
+def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segment, flags, mma):
     """The partial and merge kernels' template constants for one kind of call (built once:
-    a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal);
-    `stage`: whether the window may be staged (WINDOW_STAGE)."""
+    a decode step makes this call in every layer). `flags`: (scaled, ring, win, causal)."""
     rows = n_q_heads // n_kv * L
     per_group = _rows_per_group(rows, D, mma)
     rot = int(_rotates_inside(D))
     scaled, ring, win, causal = flags
-    window_stage = mma and win and stage and D <= 128
-    shared = _shared_bytes(per_group, D, key_bits, value_bits, False, mma, window_stage)
-    window_stage = window_stage and shared <= MAX_STATIC_SHARED
     partial = [
         ("D", D),
         ("R", rows),
@@ -1546,9 +1499,8 @@ def _decode_plan(
         ("HKV", n_kv),
         ("STAGE", int(not mma and _stages(per_group, D, key_bits, value_bits))),
         ("MMA", int(mma)),
-        ("WSTAGE", int(window_stage)),
     ]
-    merge = [("D", D), ("R", rows), ("WIN", win), ("ROT", rot)]
+    merge = [("D", D), ("R", rows), ("L", L), ("WIN", win), ("ROT", rot), ("HKV", n_kv)]
     return partial, merge, -(-rows // per_group)
 
 
@@ -1599,14 +1551,12 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
         cache.max_segment,
         flags,
         mma,
-        B * view.coded <= WINDOW_STAGE,
     )
     groups = B * n_kv
     splits = max(1, min(-(-view.coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * chunks)))
     per_split = max(1, -(-view.coded // splits))
     head = (view.coded, per_split, scale, view.slots, view.first, cap, splits, nseg)
     params = _params(head + view.rows)
-    nsplit = splits + int(win)
     out, m, s = partial_kernel(
         inputs=[
             q,
@@ -1618,19 +1568,26 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
             view.packed_values,
             view.value_norms,
             _zeros(1, mx.uint8) if view.segments is None else view.segments,
-            _zeros(1, mx.float16) if window_keys is None else window_keys,
-            _zeros(1, mx.float16) if window_values is None else window_values,
             cache.key_centroids,
             cache.value_centroids,
             params,
         ],
-        grid=(groups * chunks * nsplit * THREADS, 1, 1),
+        grid=(groups * chunks * splits * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(groups, nsplit, rows, D), (groups, nsplit, rows), (groups, nsplit, rows)],
+        output_shapes=[(groups, splits, rows, D), (groups, splits, rows), (groups, splits, rows)],
         output_dtypes=[mx.float32, mx.float32, mx.float32],
     )
     (o,) = merge_kernel(
-        inputs=[out, m, s, cache.value_signs, params],
+        inputs=[
+            out,
+            m,
+            s,
+            cache.value_signs,
+            q,
+            _zeros(1, mx.float16) if window_keys is None else window_keys,
+            _zeros(1, mx.float16) if window_values is None else window_values,
+            params,
+        ],
         grid=(groups * rows * D, 1, 1),
         threadgroup=(D, 1, 1),
         output_shapes=[queries.shape],
