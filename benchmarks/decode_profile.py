@@ -5,7 +5,7 @@ Fills one FP16 and one TurboQuant cache with a `context`-token prompt, then time
 over `--steps` decode steps, everything evaluated per call, one process, interleaved):
 the whole model step, and per layer the cache update (for TurboQuant: quantizing the new
 token) and the attention over the cache (for TurboQuant on the CPU: the pure-MLX
-reference, which dequantizes the context in the rotated domain and calls
+reference, which dequantizes the context (rotated domain; a GPU's, model domain) and calls
 `mx.fast.scaled_dot_product_attention`; split into that dequantization and the rest).
 "Other" is the step minus attention and update over all layers: the weights' matmuls,
 norms, RoPE, sampling.
@@ -27,6 +27,7 @@ from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, prompt_tokens 
 
 from mlx_lm.models.base import scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from mlx_lm.models.turboquant_attention import attends_rotated  # noqa: E402
 
 
 def timed(f, repeats: int) -> float:
@@ -107,8 +108,9 @@ def main():
             r.setdefault("step", []).append(timed(step, args.steps))
             r.setdefault("update", []).append(timed(update, args.steps) * len(cache))
             r.setdefault("attention", []).append(timed(attention, args.steps) * len(cache))
-            if hasattr(layer, "rotated_keys_values"):
-                deq = timed(lambda: layer.rotated_keys_values(dtype), args.steps)
+            if hasattr(layer, "coded_keys_values"):
+                rotated = attends_rotated(layer)
+                deq = timed(lambda: layer.coded_keys_values(dtype, rotated), args.steps)
                 r.setdefault("dequantize", []).append(deq * len(cache))
     lines = [
         f"Model `{args.model}`, context {args.context}, device {mx.default_device()}: "

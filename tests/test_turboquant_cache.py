@@ -22,6 +22,7 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.models.turboquant_cache import (
     KEY_MEAN_MAX_SEGMENT,
+    BatchTurboQuantKVCache,
     RotatingTurboQuantKVCache,
     TurboQuantKVCache,
     key_mean_segment,
@@ -147,7 +148,7 @@ def test_key_means_are_causal_and_chunking_invariant(tmp_path):
         np.testing.assert_array_equal(np.array(x), np.array(y))
     # M_2 is the mean of the reconstructed keys of positions 0..127, held in float16
     # (half an ulp is 2^-11 of the value: 0.002 at 5).
-    k_rot, _ = one.rotated_keys_values()
+    k_rot, _ = one.coded_keys_values()
     np.testing.assert_allclose(
         np.array(one.key_means[:, :, 1]),
         np.array(k_rot[:, :, :128].mean(axis=2)),
@@ -453,6 +454,46 @@ def test_fp16_window_and_key_scaling_through_the_model(tmp_path):
         make_prompt_cache(model, turbo_kv_bits=3, turbo_fp16_window=-1)
     with pytest.raises(ValueError, match="needs key centering"):
         make_prompt_cache(model, turbo_kv_bits=3, turbo_key_scaling=True, turbo_key_centering=False)
+
+
+def test_model_domain_attention_matches_the_rotated_one(monkeypatch):
+    """Where the fused dequantize kernel runs (a GPU), long query blocks attend in the
+    model's domain; the CPU reference attends in the rotated one. The two agree, for
+    every kind of cache and window layout (forced here on the CPU)."""
+    from mlx_lm.models import turboquant_attention
+
+    k = mx.random.normal((2, 2, 200, 64)) + 2.0 * mx.random.normal((2, 2, 1, 64))
+    v, q = mx.random.normal((2, 2, 200, 64)), mx.random.normal((2, 4, 200, 64))
+
+    def single(**kw):
+        return TurboQuantKVCache(3, 3, key_scaling=True, **kw)
+
+    def batch():
+        rows = [single(fp16_window=16), single(fp16_window=16)]
+        for i, n in enumerate((90, 40)):
+            rows[i].update_and_fetch(k[i : i + 1, :, :n], v[i : i + 1, :, :n])
+        return BatchTurboQuantKVCache.merge(rows)
+
+    makers = {
+        "window": lambda: single(fp16_window=16),
+        "no window": lambda: single(),
+        "ring": lambda: RotatingTurboQuantKVCache(128, 4, key_bits=3, value_bits=3),
+        "batch": batch,
+    }
+    for name, make in makers.items():
+        outs = []
+        for rotated in (True, False):
+            monkeypatch.setattr(turboquant_attention, "attends_rotated", lambda c: rotated)
+            cache, B = make(), 2 if name == "batch" else 1
+            got = []
+            for a, b in ((100, 130), (130, 131), (131, 190)):
+                codes = cache.update_and_fetch(k[:B, :, a:b], v[:B, :, a:b])
+                mask = "causal" if b - a > 1 and name != "batch" else None
+                got.append(
+                    scaled_dot_product_attention(q[:B, :, a:b], *codes[:2], cache, 0.125, mask)
+                )
+            outs.append(mx.concatenate(got, axis=2))
+        np.testing.assert_allclose(np.array(outs[0]), np.array(outs[1]), atol=2e-5, err_msg=name)
 
 
 def test_key_scaling_is_causal_and_helps_keys_with_per_channel_scale():

@@ -263,7 +263,7 @@ def _check_dequantize(c, backend=BACKEND, T=100, dtypes=(mx.float32, mx.float16)
             out = {}
             for fused in (True, False):
                 turboquant_cache.fused_backend = (lambda: backend) if fused else (lambda: None)
-                out[fused] = [*cache.rotated_keys_values(dtype), *cache.dequantized(dtype)]
+                out[fused] = [*cache.coded_keys_values(dtype), *cache.dequantized(dtype)]
                 mx.eval(out[fused])
             for a, b in zip(out[True], out[False]):
                 assert a.dtype == b.dtype == dtype and a.shape == b.shape

@@ -8,13 +8,23 @@ With k_j ≈ n_j Πₖᵀ c_j and v_j ≈ m_j Πᵥᵀ c'_j (c = centroid vector
 so the context is read as norm x centroid vectors and never inverse-rotated per token.
 This path runs on every backend and is the reference the fused kernels are tested
 against; on a GPU, decode steps use the fused kernels instead.
+
+On a GPU the long query blocks that come here (prefill) attend in the model's domain: the
+dequantize kernel un-rotates the context in the same launch, which saves rotating the
+queries, the output and the float16 window (four more passes over the chunk).
 """
 
 from typing import Any, Optional
 
 import mlx.core as mx
 
-from .turboquant_kernels import MAX_QUERY_TOKENS, fused_backend, fused_decode_attention, supports
+from .turboquant_kernels import (
+    MAX_QUERY_TOKENS,
+    fused_backend,
+    fused_decode_attention,
+    quantize_supported,
+    supports,
+)
 from .turboquant_rotation import inverse_rotate, rotate
 
 # Most attention scores one windowed SDPA call may hold (float32: 256 MB).
@@ -38,20 +48,35 @@ def turboquant_scaled_dot_product_attention(
     backend = fused_backend()
     if backend is not None and supports(queries, cache, mask, backend):
         return fused_decode_attention(queries, cache, scale, mask, backend)
+    rotated = attends_rotated(cache)
     if getattr(cache, "recent_keys", None) is not None:
-        return windowed_attention(queries, cache, scale, mask)
-    keys, values = cache.rotated_keys_values(queries.dtype)
-    return _rotated_attention(queries, cache, keys, values, scale, mask)
+        return windowed_attention(queries, cache, scale, mask, rotated)
+    keys, values = cache.coded_keys_values(queries.dtype, rotated)
+    return _attention(queries, cache, keys, values, scale, mask, rotated)
 
 
-def _rotated_attention(queries, cache, keys, values, scale: float, mask) -> mx.array:
-    """softmax(scale · Πq · Πkᵀ + mask) Πv, rotated back: attention over keys and values
-    given in the rotated domains, one SDPA call."""
+def attends_rotated(cache) -> bool:
+    """Whether this path attends in the rotated domains (the CPU reference: a decode
+    query would otherwise un-rotate the whole context) or, where the fused dequantize
+    kernel runs, in the model's domain."""
+    return fused_backend() is None or not quantize_supported(cache.head_dim)
+
+
+def _attention(queries, cache, keys, values, scale: float, mask, rotated: bool) -> mx.array:
+    """softmax(scale · q kᵀ + mask) v in one SDPA call, over keys and values given in the
+    model's domain, or (`rotated`) in the rotated domains: softmax(scale · Πq · Πkᵀ +
+    mask) Πv, rotated back."""
     dtype = queries.dtype
-    q_rot = rotate(queries, cache.key_signs).astype(dtype)
-    out_rot = mx.fast.scaled_dot_product_attention(q_rot, keys, values, scale=scale, mask=mask)
-    out = inverse_rotate(out_rot, cache.value_signs).astype(dtype)
+    q = _domain(queries, cache.key_signs, rotated, dtype)
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
+    if rotated:
+        out = inverse_rotate(out, cache.value_signs).astype(dtype)
     return _released(out, queries.shape[2], keys.nbytes + values.nbytes)
+
+
+def _domain(x: mx.array, signs: mx.array, rotated: bool, dtype) -> mx.array:
+    """x (model's domain) as the attention reads it: rotated by Π (`rotated`) or not."""
+    return (rotate(x, signs) if rotated else x).astype(dtype)
 
 
 def _released(x: mx.array, query_tokens: int, transient_bytes: int) -> mx.array:
@@ -72,7 +97,9 @@ def _released(x: mx.array, query_tokens: int, transient_bytes: int) -> mx.array:
     return x
 
 
-def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[Any]) -> mx.array:
+def windowed_attention(
+    queries: mx.array, cache, scale: float, mask: Optional[Any], rotated: bool = True
+) -> mx.array:
     """Attention over a TurboQuant cache with a float16 buffer (`fp16_window`), a
     single-sequence one or a left-padded batch.
 
@@ -84,8 +111,8 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
     covers slots [first, slots), from the smallest: one
     `mx.fast.scaled_dot_product_attention` over the codes' columns then the buffer's,
     with a boolean mask that picks, per row, which copy of each slot counts (row b's
-    position j sits in slot pad_b + j). Both run in the rotated domains (Πq·Πk = q·k,
-    and Πᵥᵀ Σ P Πᵥv = Σ P v):
+    position j sits in slot pad_b + j). Both run in the model's domain, or (`rotated`)
+    in the rotated domains (Πq·Πk = q·k, and Πᵥᵀ Σ P Πᵥv = Σ P v):
 
         out = Πᵥᵀ softmax(scale · Πq · [Πk̂ | Πk] + mask) [Πv̂ | Πᵥv]
     """
@@ -99,24 +126,24 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
                 queries, keys, values, scale=scale, mask=mask
             )
             return _released(out, L, 0)
-        k_rot, v_rot = cache.rotated_keys_values(dtype)
-        recent_k = rotate(cache.recent_keys, cache.key_signs).astype(dtype)
-        recent_v = rotate(cache.recent_values, cache.value_signs).astype(dtype)
-        keys = mx.concatenate([k_rot[:, :, :first], recent_k], axis=2)
-        values = mx.concatenate([v_rot[:, :, :first], recent_v], axis=2)
-        return _rotated_attention(queries, cache, keys, values, scale, mask)
-    q_rot = rotate(queries, cache.key_signs).astype(dtype)
-    keys = [rotate(cache.recent_keys, cache.key_signs).astype(dtype)]
-    values = [rotate(cache.recent_values, cache.value_signs).astype(dtype)]
+        k, v = cache.coded_keys_values(dtype, rotated)
+        recent_k = _domain(cache.recent_keys, cache.key_signs, rotated, dtype)
+        recent_v = _domain(cache.recent_values, cache.value_signs, rotated, dtype)
+        keys = mx.concatenate([k[:, :, :first], recent_k], axis=2)
+        values = mx.concatenate([v[:, :, :first], recent_v], axis=2)
+        return _attention(queries, cache, keys, values, scale, mask, rotated)
+    q = _domain(queries, cache.key_signs, rotated, dtype)
+    keys = [_domain(cache.recent_keys, cache.key_signs, rotated, dtype)]
+    values = [_domain(cache.recent_values, cache.value_signs, rotated, dtype)]
     t = mx.arange(slots - L, slots)[None, :, None]  # query slots [1, L, 1]
     bound = start[:, None, None]  # [B, 1, 1]: each row's first float16 slot read
     j = mx.arange(first, slots)[None, None]
     allowed = [(j >= bound) & (j <= t)]
     cols = [(first, slots)]
     if coded:
-        k_rot, v_rot = cache.rotated_keys_values(dtype)
-        keys.insert(0, k_rot[:, :, :coded])
-        values.insert(0, v_rot[:, :, :coded])
+        k, v = cache.coded_keys_values(dtype, rotated)
+        keys.insert(0, k[:, :, :coded])
+        values.insert(0, v[:, :, :coded])
         j = mx.arange(coded)[None, None]
         codes = (j >= pad[:, None, None]) & (j < bound)
         allowed.insert(0, mx.broadcast_to(codes, (B, L, coded)))
@@ -135,7 +162,7 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
     pieces, transient = [], keys.nbytes + values.nbytes
     for a in range(0, L, block):
         piece = mx.fast.scaled_dot_product_attention(
-            q_rot[:, :, a : a + block],
+            q[:, :, a : a + block],
             keys,
             values,
             scale=scale,
@@ -144,5 +171,5 @@ def windowed_attention(queries: mx.array, cache, scale: float, mask: Optional[An
         scores = 4 * B * n_q * piece.shape[2] * allowed.shape[-1]
         pieces.append(_released(piece, L, transient + scores))
         transient = 0  # the dequantized context counts once, with the first piece
-    out_rot = mx.concatenate(pieces, axis=2)
-    return inverse_rotate(out_rot, cache.value_signs).astype(dtype)
+    out = mx.concatenate(pieces, axis=2)
+    return inverse_rotate(out, cache.value_signs).astype(dtype) if rotated else out

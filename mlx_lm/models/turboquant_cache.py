@@ -161,8 +161,10 @@ def segment_pieces(start: int, stop: int, max_segment: int):
         start = end
 
 
+@lru_cache(maxsize=64)
 def key_mean_segments(start: int, stop: int, max_segment: int = KEY_MEAN_MAX_SEGMENT):
-    """s(p) for positions start..stop-1, as an int32 array."""
+    """s(p) for positions start..stop-1, as an int32 array (made once per range: a prefill
+    chunk asks in every layer, each time its buffers have grown)."""
     q = np.arange(start, stop) // KEY_MEAN_FIRST_SEGMENT
     log2 = np.floor(np.log2(np.maximum(q, 1))).astype(np.int64)
     s = np.where(q > 0, log2 // 2 + 1, 0)
@@ -498,11 +500,6 @@ class TurboQuantCodec:
 
         return self._derived(("dequant", inverse), make)
 
-    def _rotated(self, packed_keys, key_norms, segments, packed_values, value_norms, dtype, count):
-        return self._dequantized(
-            packed_keys, key_norms, segments, packed_values, value_norms, False, dtype, count
-        )
-
     def _compressed(self):
         """What update_and_fetch returns: (packed keys, key norms), (packed values, value
         norms), the whole buffers (no ops)."""
@@ -515,9 +512,7 @@ class TurboQuantCodec:
 
     def _fetch(self, dtype):
         """Dequantized keys and values of the context, in the model's domain."""
-        k_rot, v_rot = self.rotated_keys_values(mx.float32)
-        k = inverse_rotate(k_rot, self.key_signs).astype(dtype)
-        return k, inverse_rotate(v_rot, self.value_signs).astype(dtype)
+        return self.coded_keys_values(dtype, rotated=False)
 
     def key_means_with_zero(self) -> Optional[mx.array]:
         """[M_0 = 0, M_1, ...] as [B, n_kv_heads, segments, head_dim], or None."""
@@ -699,9 +694,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         # decode step builds a few ops here, not dozens, for arrays that our attention
         # dispatch never evaluates.
         if self.coded:
-            pk, kn, pv, vn = self._buffers()
-            k, v = self._dequantized(pk, kn, self._segment_ids(), pv, vn, True, dtype, self.coded)
-            k, v = k[:, :, : self.coded], v[:, :, : self.coded]
+            k, v = self.coded_keys_values(dtype, rotated=False)
         if self.coded == self.offset:
             return k, v
         held = self.coded - self.recent_start
@@ -716,15 +709,16 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         slots, per-row padding [1], per-row first float16 slot read [1]); slot = position."""
         return self.coded, self.recent_start, self.offset, _ZERO, mx.array([self.recent_start])
 
-    def rotated_keys_values(self, dtype=mx.float32):
-        """Keys and values of the coded context in the rotated domain (key means added
-        back).
+    def coded_keys_values(self, dtype=mx.float32, rotated: bool = True):
+        """Keys and values of the coded context (key means added back), in the rotated
+        domain or (`rotated=False`) the model's.
 
         The whole allocated buffer is dequantized and then sliced, so the compiled
         dequantizer sees a new shape only when the buffer grows (every `step` tokens),
         not at every decoded token."""
         pk, kn, pv, vn = self._buffers()
-        k, v = self._rotated(pk, kn, self._segment_ids(), pv, vn, dtype, self.coded)
+        segments = self._segment_ids()
+        k, v = self._dequantized(pk, kn, segments, pv, vn, not rotated, dtype, self.coded)
         return k[:, :, : self.coded], v[:, :, : self.coded]
 
     def _segment_ids(self) -> mx.array:
@@ -915,10 +909,13 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
             pk, kn, pv, vn, segments, filled, filled, filled, None, None, (0, 0) * pk.shape[0]
         )
 
-    def rotated_keys_values(self, dtype=mx.float32):
+    def coded_keys_values(self, dtype=mx.float32, rotated: bool = True):
         (pk, kn, segments), (pv, vn) = self._filled()
         segments = segments[0, 0, :, 0].astype(mx.int32)
-        return self._rotated(pk, kn[..., 0], segments, pv, vn[..., 0], dtype, pk.shape[2])
+        inverse = not rotated
+        return self._dequantized(
+            pk, kn[..., 0], segments, pv, vn[..., 0], inverse, dtype, pk.shape[2]
+        )
 
     def trim(self, n):
         n = RotatingKVCache.trim(self, n)
@@ -1546,12 +1543,14 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         self.packed_keys, self.key_norms, self.packed_values, self.value_norms = new
         self.segments = new_segments
 
-    def rotated_keys_values(self, dtype=mx.float32):
+    def coded_keys_values(self, dtype=mx.float32, rotated: bool = True):
         """Keys (each row's key means and scales applied) and values of every slot,
-        rotated domain, [B, n_kv_heads, filled, head_dim]; padding and float16-window
-        slots come out as whatever their zero codes give and are masked."""
+        [B, n_kv_heads, filled, head_dim], rotated domain or (`rotated=False`) the
+        model's; padding and float16-window slots come out as whatever their zero codes
+        give and are masked."""
         pk, kn, pv, vn = self._buffers()
-        k, v = self._rotated(pk, kn, self.segments, pv, vn, dtype, self._filled)
+        inverse = not rotated
+        k, v = self._dequantized(pk, kn, self.segments, pv, vn, inverse, dtype, self._filled)
         return k[:, :, : self._filled], v[:, :, : self._filled]
 
     def window_layout(self):
@@ -1564,9 +1563,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     def _fetch(self, dtype):
         """Lazily dequantized keys and values of every slot, model domain (float16
         window tokens where rows hold them); never computed with our attention."""
-        k_rot, v_rot = self.rotated_keys_values(mx.float32)
-        k = inverse_rotate(k_rot, self.key_signs).astype(dtype)
-        v = inverse_rotate(v_rot, self.value_signs).astype(dtype)
+        k, v = self.coded_keys_values(dtype, rotated=False)
         if self.recent_keys is None:
             return k, v
         n_w = self.recent_keys.shape[2]
