@@ -436,6 +436,28 @@ if pytest is not None:
                 output_dtypes=[mx.float32],
             )
 
+    @pytest.mark.parametrize(
+        "c",
+        [
+            case(4, 2, 300, L=3, D=64, scaling=True, window=16),
+            case(8, 2, 0, D=64, L=2, scaling=True, window=16, lengths=[300, 90, 150]),
+        ],
+    )
+    def test_emulated_merge_reads_a_long_window_in_chunks(c, emulated, monkeypatch):
+        """The merge kernel takes the float16 window WCHUNK tokens at a time (online
+        softmax across chunks): chunks of 8 here, so that these windows take several,
+        as windows longer than 256 tokens do (`--turbo-fp16-window` 129 or more)."""
+        chunked = kernels.MERGE_BODY.replace("WCHUNK = 256;", "WCHUNK = 8;")
+        assert chunked != kernels.MERGE_BODY
+        monkeypatch.setattr(kernels, "MERGE_BODY", chunked)
+        kernels._specialised.cache_clear()
+        kernels._decode_kernels.cache_clear()
+        try:
+            _check_case(c, emulated)
+        finally:
+            kernels._specialised.cache_clear()
+            kernels._decode_kernels.cache_clear()
+
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the
         float16 window differs from the reference."""

@@ -37,7 +37,8 @@ on a GPU at batch 1 the step is bound by launches, not by bytes, so every op sav
 
 Prefill (longer query blocks) takes the reference path, whose dequantization of the
 coded context runs here as one more kernel on a GPU (`fused_dequantize`: the keys and
-values of a layer's context in the attention's dtype, one launch), before one SDPA.
+values of a layer's context in the attention's dtype and the model's domain, one
+launch), before one SDPA.
 
 The kernel body is written once; `CUDA_PRELUDE` / `METAL_PRELUDE` map its few backend
 words (thread ids, shared memory, barriers, warp shuffles, pointers) to CUDA
