@@ -28,8 +28,9 @@ A second small kernel merges the splits (flash-decoding), rotates the codes' par
 (Π⁻¹, the same butterfly), attends to the float16 window itself (a few dozen FP16 keys
 and values per row) and merges that in, and writes the model's dtype. The window is not
 a split of the first kernel: its branches in the token loop made every code split
-slower (H200, Qwen2.5-7B shapes, µs per call with a 64-token window / none: 4K 29.1 /
-21.1, 32K 58.3 / 40.6, 128K 116.8 / 82.3, 8 x 32K 224.3 / 141.0). Nothing
+slower (H200, Qwen2.5-7B shapes, a 65-token window, µs per call as a split / in the
+merge: 1K 26.1 / 22.8, 4K 30.7 / 28.3, 32K 59.8 / 42.2, 128K 119.1 / 89.4, 8 x 32K
+195.8 / 145.9; `benchmarks/results/attention_window_in_merge_h200.md`). Nothing
 is dequantized into memory: per token the kernel reads the packed words and two float16
 norms (at d = 128 and 3 bits, 100 bytes instead of FP16's 512). A decode step is two
 launches for the attention and one (`fused_quantize`) for the keys and values to code:
