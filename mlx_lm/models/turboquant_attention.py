@@ -18,13 +18,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .turboquant_kernels import (
-    MAX_QUERY_TOKENS,
-    fused_backend,
-    fused_decode_attention,
-    quantize_supported,
-    supports,
-)
+from .turboquant_kernels import MAX_QUERY_TOKENS, fused_backend, fused_decode_attention, supports
 from .turboquant_rotation import inverse_rotate, rotate
 
 # Most attention scores one windowed SDPA call may hold (float32: 256 MB).
@@ -59,7 +53,7 @@ def attends_rotated(cache) -> bool:
     """Whether this path attends in the rotated domains (the CPU reference: a decode
     query would otherwise un-rotate the whole context) or, where the fused dequantize
     kernel runs, in the model's domain."""
-    return fused_backend() is None or not quantize_supported(cache.head_dim)
+    return cache.kernel_backend() is None
 
 
 def _attention(queries, cache, keys, values, scale: float, mask, rotated: bool) -> mx.array:

@@ -403,7 +403,7 @@ class TurboQuantCodec:
             self._setup(d, values.shape[-1])
         first = self.offset if first is None else first
         stop = first + S
-        backend = fused_backend() if quantize_supported(d) else None
+        backend = self.kernel_backend()
 
         pieces, coded_values = [], None
         for s, start, end in segment_pieces(first, stop, self.max_segment):
@@ -437,7 +437,7 @@ class TurboQuantCodec:
         On a GPU one fused launch (`fused_dequantize`) for the first `count` slots;
         elsewhere the compiled reference, in float32 and then cast, for every slot (its
         shapes change only when the buffers grow; callers slice)."""
-        backend = fused_backend() if quantize_supported(self.head_dim) else None
+        backend = self.kernel_backend()
         if backend is not None:
             seg_scale, seg_mean = self._dequant_stats(inverse)
             return fused_dequantize(
@@ -483,6 +483,11 @@ class TurboQuantCodec:
             self.value_centroids,
         )
         return k.astype(dtype), v.astype(dtype)
+
+    def kernel_backend(self) -> Optional[str]:
+        """The backend the fused quantize and dequantize kernels run on for this cache's
+        head_dim, or None (the compiled reference)."""
+        return fused_backend() if quantize_supported(self.head_dim) else None
 
     def _dequant_stats(self, inverse: bool):
         """(σ_s, M_s) float32 [B, n_kv_heads, segments, head_dim] for `fused_dequantize`
@@ -1439,7 +1444,7 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         `TurboQuantCodec._quantize` does for one sequence."""
         pad, coded = self._pad[b], self.coded_by[b]
         w = pad + coded - (self._filled - self.recent_keys.shape[2])
-        backend = fused_backend() if quantize_supported(self.head_dim) else None
+        backend = self.kernel_backend()
         for s, start, end in segment_pieces(coded, coded + n, self.max_segment):
             if s == self.segments_held_by[b]:
                 self._open_segment(b, s)
@@ -1479,14 +1484,12 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
     def _quantize_rows(self, keys: mx.array, values: mx.array, segs: List[int]):
         """Codes of one token per row, keys centered (and scaled) with each row's segment
         `segs[b]`, as `TurboQuantCodec._quantize` does for one sequence."""
-        d = keys.shape[-1]
         mean = scale = None
         if self.key_means is not None and any(segs):
             mean = self._derived(("mean", tuple(segs)), lambda: self._row_columns(segs, False))
             if self.key_scales is not None:
                 scale = self._derived(("scale", tuple(segs)), lambda: self._row_columns(segs, True))
-        backend = fused_backend() if quantize_supported(d) else None
-        return self._code(keys, values, mean, scale, backend, ("fused", tuple(segs)))
+        return self._code(keys, values, mean, scale, self.kernel_backend(), ("fused", tuple(segs)))
 
     def _row_columns(self, segs: List[int], scales: bool) -> mx.array:
         """Per row, μ (Πᵀ M, 0 in segment 0) or σ (1 in segment 0) of its segment

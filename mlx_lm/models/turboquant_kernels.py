@@ -64,8 +64,6 @@ MAX_QUERY_TOKENS = 8
 MAX_ACCUMULATORS = 64
 # The shared memory a thread group may use (Metal's limit; CUDA allows 48 KB static).
 SHARED_BYTES = 32 * 1024
-# CUDA's limit on a kernel's static shared memory.
-MAX_STATIC_SHARED = 48 * 1024
 # Threads per group: NT / 32 warps, each an independent flash-decoding worker.
 THREADS = 128
 # Score and sum on tensor cores where the backend has them (`tensor_cores`); tests turn
@@ -261,8 +259,9 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 # staged in shared memory). What grows with the context is a runtime parameter, so a
 # long generation compiles nothing new. Inputs: q [BH, R, D]; key_signs [D];
 # seg_scale / seg_mean [BH, NSEG, D] f32; packed keys / values [BH, CAP, KW|VW] u32 and
-# norms [BH, CAP] f16; segments [CAP] (ring); codebooks; params f32 = {coded, per_split, scale, slots, first, cap, SPLITS, NSEG
-# (segments held, 0: no centering), then pad and start per sequence}. Outputs per (bh,
+# norms [BH, CAP] f16; segments [CAP] (ring); codebooks; params f32 = {coded, per_split,
+# scale, slots, first, cap, SPLITS, NSEG (segments held, 0: no centering), then pad and
+# start per sequence}. Outputs per (bh,
 # split, row): the unnormalised output, the running max and the sum of the softmax.
 PARTIAL_BODY = """
   constexpr int NW = NT / 32;
@@ -326,20 +325,17 @@ PARTIAL_BODY = """
     }
   }
 
-  // The coded slots each row reads, and their union within this group's split.
-  int lo_r[RC];
+  // The coded slots each row reads, [pad, hi_r), and their union within this group's
+  // split.
   int hi_r[RC];
-  int lo = 1 << 30;
   int hi = 0;
   for (int i = 0; i < RC; i++) {
     const int t = slots - L + (min(r0 + i, R - 1) % L);
     const int bound = WIN ? start : (CAUSAL ? t + 1 : coded);
-    lo_r[i] = pad;
     hi_r[i] = min(bound, coded);
-    lo = min(lo, lo_r[i]);
     hi = max(hi, hi_r[i]);
   }
-  lo = max(lo, split * per_split);
+  const int lo = max(pad, split * per_split);
   hi = min(hi, (split + 1) * per_split);
 
   float mr[2] = {-INFINITY, -INFINITY};  // MMA: rows g and g + 8 of the lane's quad
@@ -556,7 +552,6 @@ PARTIAL_BODY = """
         const int i = g + 8 * h;
         const int t_row = slots - L + (min(r0 + i, R - 1) % L);
         const int bound = WIN ? start : (CAUSAL ? t_row + 1 : coded);
-        const int row_lo = pad;
         const int row_hi = min(bound, coded);
         const float mean_dot = i < RC ? qm[i] : 0.0f;
         float x[4][2];
@@ -566,7 +561,7 @@ PARTIAL_BODY = """
 #pragma unroll
           for (int e = 0; e < 2; e++) {
             const int j = base + nt * 8 + 2 * t + e;
-            const bool ok = i < RC && live[nt][e] && j >= row_lo && j < row_hi;
+            const bool ok = i < RC && live[nt][e] && j >= pad && j < row_hi;
             x[nt][e] = ok ? sc * (kn[nt][e] * sv[nt][2 * h + e] + mean_dot) : -INFINITY;
             top = max(top, x[nt][e]);
           }
@@ -682,7 +677,7 @@ PARTIAL_BODY = """
       }
       // Online softmax of each row over the warp's 32 tokens (warp-uniform branches).
       for (int i = 0; i < RC; i++) {
-        const bool ok = live && j >= lo_r[i] && j < hi_r[i];
+        const bool ok = live && j >= pad && j < hi_r[i];
         const float x = ok ? sc * (norm * dots[i] + qm[i]) : -INFINITY;
         const float m_new = max(m[i], tq_warp_max(x));
         float p = 0.0f;
@@ -1397,12 +1392,7 @@ def _rows_per_group(rows: int, head_dim: int, mma: bool = False) -> int:
 
 @lru_cache(maxsize=None)
 def _shared_bytes(
-    rows: int,
-    head_dim: int,
-    key_bits: int,
-    value_bits: int,
-    stage: bool,
-    mma: bool = False,
+    rows: int, head_dim: int, key_bits: int, value_bits: int, stage: bool, mma: bool = False
 ) -> int:
     """Shared memory of a thread group: queries, probabilities, codebooks, per-warp
     maxima and sums, (`stage`) the warps' staged key and value words, (`mma`) the
