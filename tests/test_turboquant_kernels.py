@@ -458,6 +458,24 @@ if pytest is not None:
             kernels._specialised.cache_clear()
             kernels._decode_kernels.cache_clear()
 
+    def test_emulated_decode_across_a_new_key_mean_segment(emulated):
+        """A decode call's fixed inputs (`DecodeCall`: the segment means and scales among
+        them) are kept with the cache between steps and made anew when a token opens a
+        key-mean segment (position 128 here): every step matches the reference."""
+        mx.random.seed(5)
+        cache = TurboQuantKVCache(3, 3, key_scaling=True)
+        x = mx.random.normal((1, 2, 126, 64))
+        cache.update_and_fetch(x, x * 0.5 + 0.3)
+        for _ in range(4):  # positions 126..129
+            k = mx.random.normal((1, 2, 1, 64)) * 2 + 1
+            cache.update_and_fetch(k, mx.random.normal((1, 2, 1, 64)))
+            q = mx.random.normal((1, 4, 1, 64))
+            with mx.stream(mx.cpu):
+                ref = reference(q, cache, 0.125, None)
+            fused = kernels.fused_decode_attention(q, cache, 0.125, None, emulated)
+            np.testing.assert_allclose(np.array(fused), np.array(ref), atol=2e-4, rtol=1e-3)
+        assert cache.segments_held == 3  # segments [0, 32), [32, 128), [128, ...)
+
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the
         float16 window differs from the reference."""

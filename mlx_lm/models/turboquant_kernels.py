@@ -1505,76 +1505,108 @@ def _decode_kernels(backend: str, out_dtype, *plan):
     return _specialised(backend, 0, tuple(partial)), _specialised(backend, 1, tuple(merge)), chunks
 
 
+class DecodeCall(NamedTuple):
+    """What a decode-kernel call reads that stays fixed from step to step (built once
+    per kind of call and cache state, see `fused_decode_attention`): the two kernels,
+    their layout, and the constant inputs around the cache's buffers."""
+
+    partial: object
+    merge: object
+    chunks: int
+    rows: int
+    groups: int
+    rot: bool
+    out_dtype: object
+    nseg: int
+    before_codes: tuple  # key signs, segment scales, segment means
+    after_codes: tuple  # key and value codebooks
+    value_signs: mx.array
+
+
+def _decode_call(queries: mx.array, cache, view, causal: int, backend: str) -> DecodeCall:
+    B, n_q_heads, L, D = queries.shape
+    _, n_kv, _, kw = view.packed_keys.shape
+    vw = view.packed_values.shape[-1]
+    win = int(view.window_keys is not None)
+    rot = _rotates_inside(D)
+    seg_scale, seg_mean = cache.kernel_segment_stats()
+    flags = (int(seg_scale is not None), int(view.segments is not None), win, causal)
+    mma = tensor_cores(backend, D, cache.key_bits, cache.value_bits)
+    out_dtype = queries.dtype if rot else mx.float32
+    plan = (D, n_q_heads, n_kv, L, cache.key_bits, cache.value_bits, kw, vw)
+    partial, merge, chunks = _decode_kernels(
+        backend, out_dtype, *plan, cache.max_segment, flags, mma
+    )
+    f32 = mx.float32
+    return DecodeCall(
+        partial,
+        merge,
+        chunks,
+        n_q_heads // n_kv * L,
+        B * n_kv,
+        rot,
+        out_dtype,
+        0 if seg_mean is None else seg_mean.shape[2],
+        (
+            cache.key_signs,
+            _zeros(1, f32) if seg_scale is None else seg_scale,
+            _zeros(1, f32) if seg_mean is None else seg_mean,
+        ),
+        (cache.key_centroids, cache.value_centroids),
+        cache.value_signs,
+    )
+
+
 def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
     """softmax(scale q Kᵀ + mask) V over the packed cache (and its float16 window), for
     up to 8 query tokens: the partial kernel over splits of the slots, then the merge.
     Queries and output keep their [B, n_q_heads, L, D] shape: with GQA heads grouped per
-    KV head, that is the kernels' [B x n_kv, rows, D] layout, row r = g L + l."""
+    KV head, that is the kernels' [B x n_kv, rows, D] layout, row r = g L + l.
+
+    At batch 1 on a GPU the host's work of building a decode step bounds it, so what
+    stays fixed between steps (`DecodeCall`) is made once and kept with the cache's
+    other values derived from its key means (made anew when the means change)."""
     B, n_q_heads, L, D = queries.shape
     view = cache.kernel_view()
-    _, n_kv, cap, kw = view.packed_keys.shape
-    rows = n_q_heads // n_kv * L
-    rot = _rotates_inside(D)
-    q = queries if rot else rotate(queries, cache.key_signs)
     window_keys, window_values = view.window_keys, view.window_values
-    win = window_keys is not None
-    if win and not rot:  # the window's part is scored in the rotated domain too
+    causal = int(mask is not None and L > 1)
+    # (The module constants that shape a call are part of the key: benchmarks vary them.)
+    key = ("decode", backend, queries.shape, queries.dtype, causal, window_keys is None)
+    key += (TENSOR_CORES, THREADS)
+    call = cache._derived(key, lambda: _decode_call(queries, cache, view, causal, backend))
+    q = queries if call.rot else rotate(queries, cache.key_signs)
+    if window_keys is not None and not call.rot:  # scored in the rotated domain too
         window_keys = rotate(window_keys, cache.key_signs)
         window_values = rotate(window_values, cache.value_signs)
-    seg_scale, seg_mean = cache.kernel_segment_stats()
-    flags = (int(seg_scale is not None), int(view.segments is not None), int(win))
-    flags += (int(mask is not None and L > 1),)
-    nseg = 0 if seg_mean is None else seg_mean.shape[2]
-    key_bits, value_bits = cache.key_bits, cache.value_bits
-    vw = view.packed_values.shape[-1]
-    mma = tensor_cores(backend, D, key_bits, value_bits)
-    out_dtype = queries.dtype if rot else mx.float32
-    partial_kernel, merge_kernel, chunks = _decode_kernels(
-        backend,
-        out_dtype,
-        D,
-        n_q_heads,
-        n_kv,
-        L,
-        key_bits,
-        value_bits,
-        kw,
-        vw,
-        cache.max_segment,
-        flags,
-        mma,
-    )
-    groups = B * n_kv
-    splits = max(1, min(-(-view.coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * chunks)))
-    per_split = max(1, -(-view.coded // splits))
-    head = (view.coded, per_split, scale, view.slots, view.first, cap, splits, nseg)
+    coded, cap = view.coded, view.packed_keys.shape[2]
+    rows, groups = call.rows, call.groups
+    splits = max(1, min(-(-coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * call.chunks)))
+    per_split = max(1, -(-coded // splits))
+    head = (coded, per_split, scale, view.slots, view.first, cap, splits, call.nseg)
     params = _params(head + view.rows)
-    out, m, s = partial_kernel(
+    out, m, s = call.partial(
         inputs=[
             q,
-            cache.key_signs,
-            _zeros(1, mx.float32) if seg_scale is None else seg_scale,
-            _zeros(1, mx.float32) if seg_mean is None else seg_mean,
+            *call.before_codes,
             view.packed_keys,
             view.key_norms,
             view.packed_values,
             view.value_norms,
             _zeros(1, mx.uint8) if view.segments is None else view.segments,
-            cache.key_centroids,
-            cache.value_centroids,
+            *call.after_codes,
             params,
         ],
-        grid=(groups * chunks * splits * THREADS, 1, 1),
+        grid=(groups * call.chunks * splits * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(groups, splits, rows, D), (groups, splits, rows), (groups, splits, rows)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
+        output_dtypes=[mx.float32] * 3,
     )
-    (o,) = merge_kernel(
+    (o,) = call.merge(
         inputs=[
             out,
             m,
             s,
-            cache.value_signs,
+            call.value_signs,
             q,
             _zeros(1, mx.float16) if window_keys is None else window_keys,
             _zeros(1, mx.float16) if window_values is None else window_values,
@@ -1583,8 +1615,8 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
         grid=(groups * rows * D, 1, 1),
         threadgroup=(D, 1, 1),
         output_shapes=[queries.shape],
-        output_dtypes=[out_dtype],
+        output_dtypes=[call.out_dtype],
     )
-    if rot:
+    if call.rot:
         return o
     return inverse_rotate(o, cache.value_signs).astype(queries.dtype)
