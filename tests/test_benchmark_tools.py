@@ -62,3 +62,17 @@ def test_host_bench_times_the_fused_path_and_restores_the_dispatch(tmp_path):
     assert kernels._decode_kernels.cache_info().currsize == 1  # the fused path ran
     assert (turboquant_attention.fused_backend, turboquant_cache.fused_backend) == before
     assert "| fp16 | tq3 | tq3 / fp16 |" in out.read_text()
+
+
+def test_step_split_times_every_part_of_a_decode_step(tmp_path):
+    """step_split writes one row per context and config, FP16's ratio 1.00x, and refuses
+    a table without FP16 to compare with."""
+    split = load("step_split")
+    with pytest.raises(SystemExit, match="must include fp16"):
+        split.main(["--model", "random:smollm2-135m", "--configs", "tq3"])
+    out = tmp_path / "split.md"
+    args = ["--model", "random:smollm2-135m", "--dequantize", "--contexts", "40"]
+    split.main(args + ["--steps", "2", "--rounds", "1", "--output", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 40 ")]
+    assert [r[1] for r in rows] == ["fp16", "tq3"] and rows[0][3] == "1.00x"
+    assert all(float(x) > 0 for r in rows for x in (r[2], r[4], r[5].rstrip(" |")))

@@ -1,0 +1,106 @@
+"""Where a decode step's wall time goes: building its graph in Python, evaluating it once
+built, and the two overlapped as generation runs them, FP16 cache vs TurboQuant.
+
+At batch 1 on a GPU a step is bound by the host (building the graph, then launching its
+ops one by one), not by the attention's bytes: this splits the step so that a change can
+be told to act on the build, on the evaluation, or on neither. For each context and
+config (interleaved rounds, one process): a prompt prefilled in chunks, then `--steps`
+greedy steps pipelined as kv_bench runs them (ms per step), then `--steps` more each
+built and then evaluated on its own (median ms of each part).
+
+    python benchmarks/step_split.py --model random:qwen2.5-7b --contexts 1024 16384 \\
+        --steps 64 --rounds 2 --output split.md
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model  # noqa: E402
+
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+
+
+def split_step(model, config: dict, context: int, steps: int, prefill_step: int = 2048):
+    """(pipelined ms per step, build ms, evaluation-after-build ms) after a prompt of
+    `context` random tokens."""
+    cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+    rng = np.random.default_rng(context)
+    tokens = mx.array(rng.integers(100, model.args.vocab_size - 100, (1, context)), mx.uint32)
+    for start in range(0, context, prefill_step):
+        logits = model(tokens[:, start : start + prefill_step], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+    y = mx.argmax(logits[:, -1], axis=-1)
+
+    def step(y):
+        return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+
+    mx.eval(step(y))  # untimed: it may compile kernels for a new shape
+    mx.synchronize()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        y = step(y)
+        mx.async_eval(y)
+    mx.eval(y)
+    pipelined = (time.perf_counter() - tic) / steps * 1e3
+    build, evaluate = [], []
+    for _ in range(steps):
+        mx.synchronize()
+        tic = time.perf_counter()
+        y = step(y)
+        built = time.perf_counter()
+        mx.eval(y)
+        build.append((built - tic) * 1e3)
+        evaluate.append((time.perf_counter() - built) * 1e3)
+    return pipelined, statistics.median(build), statistics.median(evaluate)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a model path, or random:<shape>")
+    p.add_argument("--dequantize", action="store_true", help="float32 weights (CPU)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
+    p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--output", help="also write the table to this file")
+    args = p.parse_args(argv)
+    if "fp16" not in args.configs:
+        raise SystemExit("--configs must include fp16: the table's ratios are against it.")
+
+    model = load_bench_model(args.model, args.dequantize)
+    lines = [
+        f"Model `{args.model}` on {mx.default_device()}; {args.steps} steps per part, median "
+        f"of {args.rounds} interleaved rounds; ms per step.",
+        "",
+        "| context | config | pipelined | vs fp16 | build | evaluation after build |",
+        "|---|---|---|---|---|---|",
+    ]
+    for context in args.contexts:
+        runs = {name: [] for name in args.configs}
+        for _ in range(args.rounds):
+            for name in args.configs:
+                runs[name].append(split_step(model, CONFIGS[name], context, args.steps))
+        med = {n: [statistics.median(r[i] for r in runs[n]) for i in range(3)] for n in runs}
+        for name in args.configs:
+            pipelined, build, evaluate = med[name]
+            ratio = med["fp16"][0] / pipelined  # speed against FP16's
+            lines.append(
+                f"| {context} | {name} | {pipelined:.2f} | {ratio:.2f}x | {build:.2f} | "
+                f"{evaluate:.2f} |"
+            )
+    table = "\n".join(lines)
+    print(table)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
