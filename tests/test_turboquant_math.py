@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_lm.models.turboquant import (
+    centroid_lookup,
     turboquant_dequantize,
     turboquant_dequantize_rotated,
     turboquant_quantize,
@@ -286,3 +287,21 @@ def test_pipeline_compiles():
     np.testing.assert_allclose(
         np.array(y), np.array(turboquant_dequantize_rotated(packed, norms, c, bits, d)), rtol=1e-6
     )
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5])
+def test_centroid_lookup_selects_what_take_gathers(bits):
+    """The select tree over a code's bits (a constant codebook, at most 4 bits) gives
+    exactly mx.take's values, compiled or not; an mx.array codebook and longer codes
+    take mx.take itself."""
+    codebook = lloyd_max_codebook(bits, 64)
+    idx = mx.random.randint(0, 1 << bits, (2, 3, 50, 64)).astype(mx.uint32)
+    expected = mx.take(mx.array(codebook.astype(np.float32)), idx)
+    compiled = mx.compile(lambda i: centroid_lookup(tuple(codebook.tolist()), i, bits))
+    for got in (centroid_lookup(codebook, idx, bits), compiled(idx)):
+        assert got.shape == idx.shape and got.dtype == mx.float32
+        assert mx.array_equal(got, expected).item()
+    as_array = centroid_lookup(mx.array(codebook.astype(np.float32)), idx, bits)
+    assert mx.array_equal(as_array, expected).item()
+    with pytest.raises(ValueError, match="1-D codebook"):
+        centroid_lookup(codebook[:-1], idx, bits)

@@ -62,46 +62,63 @@ KEY_SCALE_FLOOR = 0.05
 DEFAULT_FP16_WINDOW = 64
 
 
-# Compiled once per bit width (and head_dim): fusing the dozens of small ops of
-# quantize/dequantize into a few kernels matters on the GPU, where launches dominate.
+# Compiled once per bit width and codebook (and head_dim): fusing the dozens of small ops
+# of quantize/dequantize into a few kernels matters on the GPU, where launches dominate.
+# The codebook is a tuple of floats the function closes over (`centroid_lookup`).
 @lru_cache(maxsize=None)
-def _quantizer(bits: int):
-    return mx.compile(lambda x, signs, centroids: turboquant_quantize(x, signs, centroids, bits))
+def _quantizer(bits: int, codebook: tuple):
+    return mx.compile(lambda x, signs: turboquant_quantize(x, signs, codebook, bits))
 
 
 @lru_cache(maxsize=None)
-def _dequantizer(bits: int, head_dim: int):
+def _dequantizer(bits: int, head_dim: int, codebook: tuple):
     return mx.compile(
-        lambda packed, norms, centroids: turboquant_dequantize_rotated(
-            packed, norms, centroids, bits, head_dim
-        )
+        lambda packed, norms: turboquant_dequantize_rotated(packed, norms, codebook, bits, head_dim)
     )
 
 
 @lru_cache(maxsize=None)
 def _kv_dequantizer(
-    key_bits: int, value_bits: int, head_dim: int, centered: bool, scaled: bool, inverse: bool
+    key_bits: int,
+    value_bits: int,
+    head_dim: int,
+    centered: bool,
+    scaled: bool,
+    inverse: bool,
+    key_codebook: tuple,
+    value_codebook: tuple,
 ):
     """One compiled call for a context's keys and values: Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s and
     Πv̂ (rotated domain), or k̂ and v̂ (`inverse`). Segment ids come as [B or 1, 1, T, 1]
     (one per slot, per row in a batch cache). Compiled per shape: callers pass whole
     buffers, which change shape only when they grow."""
 
-    def dequantize(pk, kn, segments, pv, vn, means, scales, key_signs, value_signs, kc, vc):
-        k = turboquant_dequantize_rotated(pk, kn, kc, key_bits, head_dim)
+    def dequantize(pk, kn, segments, pv, vn, means, scales, key_signs, value_signs):
+        k = turboquant_dequantize_rotated(pk, kn, key_codebook, key_bits, head_dim)
         if centered:
             # Preallocated slots past the offset may lie in segments not opened yet.
             segments = mx.minimum(segments, means.shape[2] - 1)
             if scaled:
-                sigma = mx.take_along_axis(scales, segments, axis=2).astype(mx.float32)
+                sigma = _per_slot(scales, segments).astype(mx.float32)
                 k = rotate(sigma * inverse_rotate(k, key_signs), key_signs)
-            k = k + mx.take_along_axis(means, segments, axis=2).astype(mx.float32)
-        v = turboquant_dequantize_rotated(pv, vn, vc, value_bits, head_dim)
+            k = k + _per_slot(means, segments).astype(mx.float32)
+        v = turboquant_dequantize_rotated(pv, vn, value_codebook, value_bits, head_dim)
         if inverse:
             return inverse_rotate(k, key_signs), inverse_rotate(v, value_signs)
         return k, v
 
     return mx.compile(dequantize)
+
+
+def _per_slot(table: mx.array, segments: mx.array) -> mx.array:
+    """table[:, :, segments] along axis 2 ([B or 1, H, S, D] rows per key-mean segment,
+    segment ids [B or 1, 1, T, 1] below S): a chain of `mx.where` over the few segments,
+    which a compiled dequantizer fuses, where `mx.take_along_axis` is a gather of T x D
+    values per head (slow on the CPU backend)."""
+    out = table[:, :, :1]
+    for s in range(1, table.shape[2]):
+        out = mx.where(segments == s, table[:, :, s : s + 1], out)
+    return out
 
 
 _EMPTY = mx.zeros((0,), dtype=mx.float16)  # an absent array in a saved state
@@ -290,6 +307,9 @@ class TurboQuantCodec:
         self.value_signs = rotation_signs(d, self.seed, self.layer_idx, "v")
         self.key_centroids = _half_exact(lloyd_max_codebook(self.key_bits, d))
         self.value_centroids = _half_exact(lloyd_max_codebook(self.value_bits, d))
+        # The same values as constants of the compiled quantizers and dequantizers.
+        self.key_codebook = tuple(np.array(self.key_centroids).tolist())
+        self.value_codebook = tuple(np.array(self.value_centroids).tolist())
 
     def _codec_meta(self):
         """The settings a saved cache records (read back by `_set_codec_meta`)."""
@@ -315,7 +335,7 @@ class TurboQuantCodec:
         raise NotImplementedError
 
     def _dequantize_keys(self, packed, norms) -> mx.array:
-        return _dequantizer(self.key_bits, self.head_dim)(packed, norms, self.key_centroids)
+        return _dequantizer(self.key_bits, self.head_dim, self.key_codebook)(packed, norms)
 
     def _add_key_mean(self, s: int, first: int, pieces):
         """Append M_s (see the class docstring); `pieces` are this update's quantized
@@ -362,10 +382,10 @@ class TurboQuantCodec:
             x, mean = x.astype(mx.float32) / scale, mean / scale
         if mean is not None:
             x = x.astype(mx.float32) - mean
-        pk, kn = _quantizer(self.key_bits)(x, self.key_signs, self.key_centroids)
+        pk, kn = _quantizer(self.key_bits, self.key_codebook)(x, self.key_signs)
         coded = (pk, kn.astype(mx.float16))
         if values is not None:
-            pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
+            pv, vn = _quantizer(self.value_bits, self.value_codebook)(values, self.value_signs)
             coded += (pv, vn.astype(mx.float16))
         return coded
 
@@ -420,7 +440,7 @@ class TurboQuantCodec:
                 coded_values = out[2:]
             pieces.append((start, pk, kn))
         if coded_values is None:
-            pv, vn = _quantizer(self.value_bits)(values, self.value_signs, self.value_centroids)
+            pv, vn = _quantizer(self.value_bits, self.value_codebook)(values, self.value_signs)
             coded_values = (pv, vn.astype(mx.float16))
         if len(pieces) > 1:
             pk = mx.concatenate([p[1] for p in pieces], axis=2)
@@ -468,6 +488,8 @@ class TurboQuantCodec:
             means is not None,
             scales is not None,
             inverse,
+            self.key_codebook,
+            self.value_codebook,
         )
         k, v = f(
             packed_keys,
@@ -479,8 +501,6 @@ class TurboQuantCodec:
             _NO_MEANS if scales is None else scales,
             self.key_signs,
             self.value_signs,
-            self.key_centroids,
-            self.value_centroids,
         )
         return k.astype(dtype), v.astype(dtype)
 
