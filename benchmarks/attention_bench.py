@@ -11,10 +11,15 @@ MLX_LM_TURBO_REFERENCE=1 for the reference); on the CPU they are the reference.
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_bench import print_table  # noqa: E402
 
 from mlx_lm.models import turboquant_kernels as kernels
 from mlx_lm.models.base import scaled_dot_product_attention
@@ -181,10 +186,7 @@ def main():
         )
         print(lines[-1], flush=True)
     table = "\n".join(lines)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    print_table(table, args.output)
 
 
 if __name__ == "__main__":

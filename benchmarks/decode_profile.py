@@ -23,7 +23,13 @@ import time
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, prompt_tokens  # noqa: E402
+from generate_bench import (  # noqa: E402
+    CACHE_KEYS,
+    CONFIGS,
+    load_bench_model,
+    print_table,
+    prompt_tokens,
+)
 
 from mlx_lm.models.base import scaled_dot_product_attention  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
@@ -130,10 +136,7 @@ def main():
             f"{other:.2f} | {first_step * 1e3 / m['step']:.2f}x |"
         )
     table = "\n".join(lines)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    print_table(table, args.output)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ RANDOM_MODELS = {
 }
 
 
+def print_table(table: str, output=None):
+    """Print a benchmark's markdown table and, given a path, write it there too (making
+    its folder): what every script's --output does."""
+    print(table)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            f.write(table + "\n")
+
+
 def load_bench_model(name: str, dequantize: bool):
     """A real model (path) or `random:<shape>` from RANDOM_MODELS."""
     if not name.startswith("random:"):
@@ -245,11 +255,7 @@ def main():
                 f"{r.get('mlx_peak', float('nan')) / 1e6:.1f} | {r.get('rss', float('nan')) / 1e6:.1f} |"
             )
     table = "\n".join(lines)
-    print(table)
-    if args.output:
-        os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    print_table(table, args.output)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ columns measure it there, with the real kernels).
 """
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_bench import print_table  # noqa: E402
 
 from mlx_lm.models import turboquant_attention, turboquant_cache
 from mlx_lm.models import turboquant_kernels as kernels
@@ -47,10 +52,7 @@ def main(argv=None):
         table = host_table(args)
     finally:
         turboquant_attention.fused_backend, turboquant_cache.fused_backend = saved
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    print_table(table, args.output)
 
 
 def host_table(args) -> str:

@@ -24,7 +24,13 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_bench import CACHE_KEYS, CONFIGS, RANDOM_MODELS, load_bench_model  # noqa: E402
+from generate_bench import (  # noqa: E402
+    CACHE_KEYS,
+    CONFIGS,
+    RANDOM_MODELS,
+    load_bench_model,
+    print_table,
+)
 
 from mlx_lm.generate import maybe_quantize_kv_cache  # noqa: E402
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
@@ -208,11 +214,8 @@ def main():
             f"{r['kv'] / 2**20:.1f} | {r['peak'] / 2**20:.0f} |"
         )
     table = "\n".join(lines)
-    print(table)
+    print_table(table, args.output and args.output + ".md")
     if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output + ".md", "w") as f:
-            f.write(table + "\n")
         plot(rows, args.output + ".png")
 
 

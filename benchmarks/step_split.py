@@ -22,7 +22,7 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model  # noqa: E402
+from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  # noqa: E402
 
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
@@ -96,10 +96,7 @@ def main(argv=None):
                 f"{evaluate:.2f} |"
             )
     table = "\n".join(lines)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
+    print_table(table, args.output)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def turboquant_quantize(
     unit = x / mx.maximum(norm, _TINY)  # zero vector -> zero unit vector, not NaN
     idx = quantize_to_centroids(rotate(unit, signs), c)
     if norm_correction:
-        chat = centroid_lookup(c if isinstance(centroids, mx.array) else centroids, idx, bits)
+        chat = centroid_lookup(centroids, idx, bits)
         norm = norm / mx.maximum(mx.sqrt(mx.sum(chat * chat, axis=-1, keepdims=True)), _TINY)
     return pack_codes(idx, bits), norm.squeeze(-1).astype(norms_dtype)
 
