@@ -1,12 +1,14 @@
-"""Where a decode step's wall time goes: building its graph in Python, evaluating it once
-built, and the two overlapped as generation runs them, FP16 cache vs TurboQuant.
+"""Where a decode step's wall time goes: building its graph in Python, launching its ops,
+waiting for them, and all overlapped as generation runs them, FP16 cache vs TurboQuant.
 
 At batch 1 on a GPU a step is bound by the host (building the graph, then launching its
 ops one by one), not by the attention's bytes: this splits the step so that a change can
-be told to act on the build, on the evaluation, or on neither. For each context and
+be told to act on the build, the launch, the device, or none. For each context and
 config (interleaved rounds, one process): a prompt prefilled in chunks, then `--steps`
 greedy steps pipelined as kv_bench runs them (ms per step), then `--steps` more each
-built and then evaluated on its own (median ms of each part).
+built, launched (`mx.async_eval` until it returns) and waited for on its own (median ms
+of each part). Pipelined, a step takes at least its build + launch (one host thread) and
+at least its device time.
 
     python benchmarks/step_split.py --model random:qwen2.5-7b --contexts 1024 16384 \\
         --steps 64 --rounds 2 --output split.md
@@ -27,20 +29,27 @@ from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  #
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 
-def split_step(model, config: dict, context: int, steps: int, prefill_step: int = 2048):
-    """(pipelined ms per step, build ms, evaluation-after-build ms) after a prompt of
-    `context` random tokens."""
+def prefilled(model, config: dict, context: int, prefill_step: int = 2048):
+    """(greedy decode step y -> next y, first y) after a prompt of `context` random tokens
+    prefilled in chunks into a fresh cache of `config`."""
     cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
     rng = np.random.default_rng(context)
     tokens = mx.array(rng.integers(100, model.args.vocab_size - 100, (1, context)), mx.uint32)
     for start in range(0, context, prefill_step):
         logits = model(tokens[:, start : start + prefill_step], cache=cache)
         mx.eval(logits, [c.state for c in cache])
-    y = mx.argmax(logits[:, -1], axis=-1)
 
     def step(y):
         return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
 
+    return step, mx.argmax(logits[:, -1], axis=-1)
+
+
+def split_step(model, config: dict, context: int, steps: int):
+    """(pipelined ms per step, build ms, launch ms, wait ms) after a prompt of `context`
+    random tokens: launch is `mx.async_eval` returning (the host submitting the built
+    graph's ops), wait what evaluation takes after that."""
+    step, y = prefilled(model, config, context)
     mx.eval(step(y))  # untimed: it may compile kernels for a new shape
     mx.synchronize()
     tic = time.perf_counter()
@@ -49,16 +58,17 @@ def split_step(model, config: dict, context: int, steps: int, prefill_step: int 
         mx.async_eval(y)
     mx.eval(y)
     pipelined = (time.perf_counter() - tic) / steps * 1e3
-    build, evaluate = [], []
+    parts = []
     for _ in range(steps):
         mx.synchronize()
         tic = time.perf_counter()
         y = step(y)
         built = time.perf_counter()
+        mx.async_eval(y)
+        launched = time.perf_counter()
         mx.eval(y)
-        build.append((built - tic) * 1e3)
-        evaluate.append((time.perf_counter() - built) * 1e3)
-    return pipelined, statistics.median(build), statistics.median(evaluate)
+        parts.append((built - tic, launched - built, time.perf_counter() - launched))
+    return (pipelined, *(statistics.median(p[i] for p in parts) * 1e3 for i in range(3)))
 
 
 def main(argv=None):
@@ -79,21 +89,21 @@ def main(argv=None):
         f"Model `{args.model}` on {mx.default_device()}; {args.steps} steps per part, median "
         f"of {args.rounds} interleaved rounds; ms per step.",
         "",
-        "| context | config | pipelined | vs fp16 | build | evaluation after build |",
-        "|---|---|---|---|---|---|",
+        "| context | config | pipelined | vs fp16 | build | launch | wait |",
+        "|---|---|---|---|---|---|---|",
     ]
     for context in args.contexts:
         runs = {name: [] for name in args.configs}
         for _ in range(args.rounds):
             for name in args.configs:
                 runs[name].append(split_step(model, CONFIGS[name], context, args.steps))
-        med = {n: [statistics.median(r[i] for r in runs[n]) for i in range(3)] for n in runs}
+        med = {n: [statistics.median(r[i] for r in runs[n]) for i in range(4)] for n in runs}
         for name in args.configs:
-            pipelined, build, evaluate = med[name]
+            pipelined, build, launch, wait = med[name]
             ratio = med["fp16"][0] / pipelined  # speed against FP16's
             lines.append(
                 f"| {context} | {name} | {pipelined:.2f} | {ratio:.2f}x | {build:.2f} | "
-                f"{evaluate:.2f} |"
+                f"{launch:.2f} | {wait:.2f} |"
             )
     table = "\n".join(lines)
     print_table(table, args.output)

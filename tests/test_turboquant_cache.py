@@ -393,12 +393,12 @@ def test_fp16_window_attention_matches_its_definition(tmp_path):
     for x, y, z in zip(one.state[:4], chunked.state[:4], plain.state[:4]):
         np.testing.assert_array_equal(np.array(x[:, :, :251]), np.array(y))
         np.testing.assert_array_equal(np.array(x), np.array(z[:, :, : T - W]))
-    # Held: codes and the float16 tokens from `coded` on, nothing more once the next
-    # update has run (a decode step that codes nothing).
+    # Held: codes and the float16 tokens from `coded` on (saved: nothing more); a decode
+    # step writes into float16 buffers of 2W + 64 slots, made once per ~64 steps.
     one.update_and_fetch(k[:, :, :1], v[:, :, :1])
     coded = TurboQuantKVCache(3, 3)
     coded.update_and_fetch(k[:, :, : T - W], v[:, :, : T - W])
-    assert one.nbytes == coded.nbytes + 2 * (W + 1) * 2 * 64 * 2
+    assert one.nbytes == coded.nbytes + 2 * (2 * W + 64) * 2 * 64 * 2
     assert sum(x.nbytes for x in one.state[6:]) == 2 * 2 * (W + 1) * 64 * 2
     # Save / load / deepcopy keep the window; the next step's attention is identical.
     path = str(tmp_path / "window.safetensors")

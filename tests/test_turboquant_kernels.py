@@ -444,10 +444,11 @@ if pytest is not None:
         ],
     )
     def test_emulated_merge_reads_a_long_window_in_chunks(c, emulated, monkeypatch):
-        """The merge kernel takes the float16 window WCHUNK tokens at a time (online
-        softmax across chunks): chunks of 8 here, so that these windows take several,
-        as windows longer than 256 tokens do (`--turbo-fp16-window` 129 or more)."""
-        chunked = kernels.MERGE_BODY.replace("WCHUNK = 256;", "WCHUNK = 8;")
+        """The merge kernel takes the float16 window WCHUNK = NW x WT tokens at a time
+        (online softmax across chunks; 32 at head_dim 64): here WT = 3, chunks of 6
+        tokens, the last of a window mostly empty."""
+        wt = "constexpr int WT = 32 / DPL > 1 ? 32 / DPL : 1;"
+        chunked = kernels.MERGE_BODY.replace(wt, "constexpr int WT = 3;")
         assert chunked != kernels.MERGE_BODY
         monkeypatch.setattr(kernels, "MERGE_BODY", chunked)
         kernels._specialised.cache_clear()
@@ -475,6 +476,31 @@ if pytest is not None:
             fused = kernels.fused_decode_attention(q, cache, 0.125, None, emulated)
             np.testing.assert_allclose(np.array(fused), np.array(ref), atol=2e-4, rtol=1e-3)
         assert cache.segments_held == 3  # segments [0, 32), [32, 128), [128, ...)
+
+    def test_emulated_decode_reads_the_window_buffers(emulated):
+        """Decode steps write the float16 window into preallocated buffers, which the
+        merge kernel reads from slot window_base on: after a block is coded (the window
+        then starts past the buffers' first slot) and after the buffers are made anew
+        (2W + 64 slots: here once 64 or more steps are written), every checked step
+        matches the reference."""
+        mx.random.seed(6)
+        W = 8
+        cache = TurboQuantKVCache(3, 3, key_scaling=True, fp16_window=W)
+        x = mx.random.normal((1, 2, 100, 64))
+        cache.update_and_fetch(x, x * 0.5 + 0.3)
+        bases, checked = set(), 0
+        for step in range(75):
+            k = mx.random.normal((1, 2, 1, 64)) * 2 + 1
+            cache.update_and_fetch(k, mx.random.normal((1, 2, 1, 64)))
+            bases.add(cache.window_base)
+            if step in (0, 9, 10, 70, 74):
+                q = mx.random.normal((1, 4, 1, 64))
+                with mx.stream(mx.cpu):
+                    ref = reference(q, cache, 0.125, None)
+                fused = kernels.fused_decode_attention(q, cache, 0.125, None, emulated)
+                np.testing.assert_allclose(np.array(fused), np.array(ref), atol=2e-4, rtol=1e-3)
+                checked += cache.window_base < cache.recent_start
+        assert len(bases) == 2 and checked >= 2
 
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the
@@ -794,3 +820,18 @@ if pytest is not None:
         broken = translation_unit("metal", "int32_t").replace("l[i] * alpha", "l[")
         with pytest.raises(AssertionError):
             _compile(broken, tmp_path)
+
+
+def test_split_bounds_cut_at_every_segment_start():
+    from mlx_lm.models.turboquant_cache import segment_start
+
+    for coded, target, pad in ((1024, 64, 0), (1000, 64, 0), (16384, 64, 0), (5000, 2, 3)):
+        bounds = kernels.split_bounds(coded, target, pad, 8)
+        assert bounds[0] == 0 and bounds[-1] == coded and list(bounds) == sorted(set(bounds))
+        starts = {pad + segment_start(s) for s in range(1, 9)} & set(range(coded))
+        assert starts <= set(bounds)  # no split spans a segment start
+    # The rest are about `target` uniform cuts, a multiple of 32 (a warp's tokens) apart.
+    assert kernels.split_bounds(1024, 64, 0, 8) == (0, 32, 128) + tuple(range(256, 1025, 128))
+    assert kernels.split_bounds(5000, 2, 3, 8) == (0, 35, 131, 515, 2051, 2528, 5000)
+    assert kernels.split_bounds(300, 1, 0, 0) == (0, 300)  # no key means: no segment cuts
+    assert kernels.split_bounds(100, 64, 0, 0) == (0, 100)  # one split: too few slots

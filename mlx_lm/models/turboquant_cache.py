@@ -29,6 +29,7 @@ from .cache import RotatingKVCache, _BaseCache, _causal_mask_for, _LeftPaddedBat
 from .turboquant import turboquant_dequantize_rotated, turboquant_quantize
 from .turboquant_codebook import lloyd_max_codebook
 from .turboquant_kernels import (
+    MAX_QUERY_TOKENS,
     KernelView,
     fused_backend,
     fused_dequantize,
@@ -636,6 +637,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         # float16 keys/values of positions recent_start..offset-1 (recent_start <= coded)
         self.recent_keys = self.recent_values = None
         self.recent_start = 0
+        self._window_buffers = None  # (keys, values) of slots window_base..; see _slide_window
+        self.window_base = 0
 
     @property
     def n_coded(self) -> int:
@@ -676,20 +679,52 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         )
 
     def _slide_window(self, keys: mx.array, values: mx.array):
-        """Append new tokens to the float16 buffer; return the tokens to code now
-        (positions coded.., none unless more than 2W are uncoded: `fp16_window`)."""
+        """Append new tokens to the float16 window; return the tokens to code now
+        (positions coded.., none unless more than 2W are uncoded: `fp16_window`).
+
+        A decode step writes its tokens into preallocated buffers of slots
+        window_base.. (`_window_buffers`; the window is a view of them): one copy per
+        array, where joining the window and the tokens made two, and the decode kernel
+        reads the buffers as they lie. Longer blocks (prefill) join the arrays."""
         if keys.dtype != mx.float16:
             keys, values = keys.astype(mx.float16), values.astype(mx.float16)
-        if self.recent_keys is not None:
-            held = self.coded - self.recent_start
-            old_keys, old_values = self.recent_keys, self.recent_values
-            if held:
-                old_keys, old_values = old_keys[:, :, held:], old_values[:, :, held:]
-            keys = mx.concatenate([old_keys, keys], axis=2)
-            values = mx.concatenate([old_values, values], axis=2)
+        end = self.offset + keys.shape[2]
+        if keys.shape[2] <= MAX_QUERY_TOKENS:
+            buffers = self._window_buffers
+            if buffers is None or end - self.window_base > buffers[0].shape[2]:
+                buffers = self._new_window_buffers(keys)
+            at, stop = self.offset - self.window_base, end - self.window_base
+            buffers[0][:, :, at:stop] = keys
+            buffers[1][:, :, at:stop] = values
+            first = self.coded - self.window_base
+            keys, values = buffers[0][:, :, first:stop], buffers[1][:, :, first:stop]
+        else:
+            self._window_buffers = None
+            if self.recent_keys is not None:
+                held = self.coded - self.recent_start
+                old_keys, old_values = self.recent_keys, self.recent_values
+                if held:
+                    old_keys, old_values = old_keys[:, :, held:], old_values[:, :, held:]
+                keys = mx.concatenate([old_keys, keys], axis=2)
+                values = mx.concatenate([old_values, values], axis=2)
         self.recent_keys, self.recent_values, self.recent_start = keys, values, self.coded
         n = window_flush(keys.shape[2], self.fp16_window)
         return keys[:, :, :n], values[:, :, :n]
+
+    def _new_window_buffers(self, keys: mx.array):
+        """Buffers for the float16 window from slot `coded` on, holding its uncoded
+        tokens: 2W + 64 slots, so that they are made anew once per 64 decode steps or
+        fewer (they start with at most 2W tokens; coding moves `coded`, not them)."""
+        B, n_kv_heads, _, D = keys.shape
+        shape = (B, n_kv_heads, 2 * self.fp16_window + 64, D)
+        buffers = (mx.zeros(shape, mx.float16), mx.zeros(shape, mx.float16))
+        live = self.offset - self.coded
+        if live > 0:
+            held = self.coded - self.recent_start
+            buffers[0][:, :, :live] = self.recent_keys[:, :, held:]
+            buffers[1][:, :, :live] = self.recent_values[:, :, held:]
+        self._window_buffers, self.window_base = buffers, self.coded
+        return buffers
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Store the new tokens: quantized, or with a window in float16 (coding a block
@@ -765,14 +800,17 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         buffers, no copies, and the float16 window."""
         B = self.packed_keys.shape[0]
         window = self.fp16_window and self.recent_keys is not None
+        first, window_keys, window_values = self.recent_start, self.recent_keys, self.recent_values
+        if window and self._window_buffers is not None:
+            first, (window_keys, window_values) = self.window_base, self._window_buffers
         return KernelView(
             *self._buffers(),
             segments=None,
             coded=self.coded,
             slots=self.offset,
-            first=self.recent_start if window else self.offset,
-            window_keys=self.recent_keys if window else None,
-            window_values=self.recent_values if window else None,
+            first=first if window else self.offset,
+            window_keys=window_keys if window else None,
+            window_values=window_values if window else None,
             rows=(0, self.recent_start) * B,
         )
 
@@ -802,6 +840,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             else:
                 self.recent_keys = self.recent_keys[:, :, :keep]
                 self.recent_values = self.recent_values[:, :, :keep]
+        self._window_buffers = None  # (the next decode step makes new ones)
         self._keep_key_means()
         return n
 
@@ -833,6 +872,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
     def state(self, v):
         self._segments = None
         self.recent_keys = self.recent_values = None
+        self._window_buffers = None
         if not v:
             self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
             self.key_means = self.key_scales = None
@@ -863,6 +903,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         """Bytes actually held: packed codes, norms (preallocated blocks included), the
         key means and scales, and the float16 window."""
         held = [] if self.recent_keys is None else [self.recent_keys, self.recent_values]
+        if self._window_buffers is not None:
+            held = list(self._window_buffers)
         codes = [] if self.packed_keys is None else self._stored_arrays()
         return sum(x.nbytes for x in codes + held)
 

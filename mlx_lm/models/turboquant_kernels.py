@@ -71,10 +71,10 @@ THREADS = 128
 TENSOR_CORES = True
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
-# least MIN_TOKENS_PER_SPLIT tokens. Measured on the H200 (Qwen2.5-7B shapes, µs per
-# layer for 256 / 1024 groups): 8 x 32K 313 / 366, 128K 197 / 207, 4K and 32K within
-# noise.
-MIN_TOKENS_PER_SPLIT = 256
+# least MIN_TOKENS_PER_SPLIT tokens, and at every key-mean segment start
+# (`split_bounds`). Measured on the H200 (Qwen2.5-7B shapes, µs per layer for 256 /
+# 1024 groups): 8 x 32K 313 / 366, 128K 197 / 207, 4K and 32K within noise.
+MIN_TOKENS_PER_SPLIT = 128
 TARGET_GROUPS = 256
 
 CUDA_PRELUDE = """
@@ -259,10 +259,11 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 # staged in shared memory). What grows with the context is a runtime parameter, so a
 # long generation compiles nothing new. Inputs: q [BH, R, D]; key_signs [D];
 # seg_scale / seg_mean [BH, NSEG, D] f32; packed keys / values [BH, CAP, KW|VW] u32 and
-# norms [BH, CAP] f16; segments [CAP] (ring); codebooks; params f32 = {coded, per_split,
-# scale, slots, first, cap, SPLITS, NSEG (segments held, 0: no centering), then pad and
-# start per sequence}. Outputs per (bh,
-# split, row): the unnormalised output, the running max and the sum of the softmax.
+# norms [BH, CAP] f16; segments [CAP] (ring); codebooks; params f32 = {coded, BOUNDS,
+# scale, slots, first, cap, SPLITS, NSEG (segments held, 0: no centering), the float16
+# buffer's slots per head, then pad and start per sequence, then at params[BOUNDS] the
+# SPLITS + 1 slots where the splits begin and end (`split_bounds`)}. Outputs per (bh, split, row): the unnormalised
+# output, the running max and the sum of the softmax.
 PARTIAL_BODY = """
   constexpr int NW = NT / 32;
   constexpr int DPL = D / 32;
@@ -280,7 +281,7 @@ PARTIAL_BODY = """
   const int lane = tq_tid & 31;
   const int warp = tq_tid >> 5;
   const int coded = static_cast<int>(params[0]);
-  const int per_split = static_cast<int>(params[1]);
+  const int bounds = static_cast<int>(params[1]);
   const float sc = params[2];
   const int slots = static_cast<int>(params[3]);
   const int cap = static_cast<int>(params[5]);
@@ -289,8 +290,8 @@ PARTIAL_BODY = """
   const int split = tq_group % splits;
   const int chunk = (tq_group / splits) % CHUNKS;
   const int bh = tq_group / (splits * CHUNKS);
-  const int pad = static_cast<int>(params[8 + 2 * (bh / HKV)]);
-  const int start = static_cast<int>(params[9 + 2 * (bh / HKV)]);
+  const int pad = static_cast<int>(params[9 + 2 * (bh / HKV)]);
+  const int start = static_cast<int>(params[10 + 2 * (bh / HKV)]);
   const int r0 = chunk * RC;
 
   TQ_SHARED float qs[RC * D];
@@ -335,8 +336,8 @@ PARTIAL_BODY = """
     hi_r[i] = min(bound, coded);
     hi = max(hi, hi_r[i]);
   }
-  const int lo = max(pad, split * per_split);
-  hi = min(hi, (split + 1) * per_split);
+  const int lo = max(pad, static_cast<int>(params[bounds + split]));
+  hi = min(hi, static_cast<int>(params[bounds + split + 1]));
 
   float mr[2] = {-INFINITY, -INFINITY};  // MMA: rows g and g + 8 of the lane's quad
   float lr[2] = {0.0f, 0.0f};
@@ -807,15 +808,18 @@ PARTIAL_BODY = """
 # buffer (WIN), attend to the row's part of it, slots [max(start, first), t + 1) (the
 # partial kernel reads codes only), and merge the two; normalise, write the model's
 # dtype. The buffer is scored against q as given: the model's domain, or (ROT = 0) both
-# rotated by the host, whose output is then rotated too. Its tokens go WCHUNK at a time
-# (online softmax), a token per warp for the scores and the values, each lane taking
-# the dims lane, lane + 32, ...: coalesced loads. Template: D, R, L, WIN, ROT, HKV.
-# Inputs: the partial kernel's outputs, value_signs [D], q [BH, R, D], window_keys /
-# values [BH, slots - first, D], params (the partial kernel's).
+# rotated by the host, whose output is then rotated too. Its tokens go WCHUNK = NW x WT
+# at a time (online softmax), WT per warp for the scores and the values (2 x WT x DPL
+# = 64 registers per lane), each lane taking the dims lane, lane + 32, ...: coalesced
+# loads. Template: D, R, L, WIN, ROT,
+# HKV. Inputs: the partial kernel's outputs, value_signs [D], q [BH, R, D], window_keys /
+# values [BH, n, D] (slot first + i at i; n >= slots - first), params (the partial
+# kernel's).
 MERGE_BODY = """
   constexpr int NW = D / 32;
   constexpr int DPL = D / 32;
-  constexpr int WCHUNK = 256;
+  constexpr int WT = 32 / DPL > 1 ? 32 / DPL : 1;  // window tokens per warp and chunk
+  constexpr int WCHUNK = NW * WT;
   const int row = tq_group;
   const int bh = row / R;
   const int d = tq_tid;
@@ -849,8 +853,8 @@ MERGE_BODY = """
     const float sc = params[2];
     const int slots = static_cast<int>(params[3]);
     const int first = static_cast<int>(params[4]);
-    const int start = static_cast<int>(params[9 + 2 * (bh / HKV)]);
-    const int n_window = slots - first;
+    const int start = static_cast<int>(params[10 + 2 * (bh / HKV)]);
+    const int n_window = static_cast<int>(params[8]);  // the buffer's slots per head
     const int hi = slots - L + row % R % L + 1;
     qrow[d] = static_cast<float>(q[(size_t)row * D + d]);
     float wm = -INFINITY;  // the window part's max, sum and (per lane) outputs
@@ -861,16 +865,33 @@ MERGE_BODY = """
     }
     for (int c = max(start, first); c < hi; c += WCHUNK) {
       const int n = min(WCHUNK, hi - c);
-      TQ_SYNC();  // qrow written; the previous chunk's scores read
-      for (int i = warp; i < n; i += NW) {
-        auto key = window_keys + ((size_t)bh * n_window + c + i - first) * D;
-        float dot = 0.0f;
+      // Warp w takes the chunk's tokens [w WT, (w + 1) WT): their keys and values are
+      // loaded together, one wait on memory per chunk (a token at a time, each waited
+      // on memory twice, took most of this kernel's time at 1K).
+      const int i0 = warp * WT;
+      float key[WT][DPL];
+      float val[WT][DPL];
+#pragma unroll
+      for (int u = 0; u < WT; u++) {
+        const size_t at = ((size_t)bh * n_window + c + i0 + u - first) * D;
+#pragma unroll
         for (int k = 0; k < DPL; k++) {
-          dot += qrow[lane + 32 * k] * static_cast<float>(key[lane + 32 * k]);
+          const bool ok = i0 + u < n;
+          key[u][k] = ok ? static_cast<float>(window_keys[at + lane + 32 * k]) : 0.0f;
+          val[u][k] = ok ? static_cast<float>(window_values[at + lane + 32 * k]) : 0.0f;
         }
-        dot = tq_warp_sum(dot);
-        if (lane == 0) {
-          scores[i] = sc * dot;
+      }
+      TQ_SYNC();  // qrow written; the previous chunk's scores read
+#pragma unroll
+      for (int u = 0; u < WT; u++) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int k = 0; k < DPL; k++) {
+          dot += qrow[lane + 32 * k] * key[u][k];
+        }
+        const float total = tq_warp_sum(dot);
+        if (lane == 0 && i0 + u < n) {
+          scores[i0 + u] = sc * total;
         }
       }
       TQ_SYNC();
@@ -886,14 +907,16 @@ MERGE_BODY = """
       const float alpha = TQ_EXP(wm - m_new);
       wl = wl * alpha + tq_warp_sum(sum);
       wm = m_new;
+#pragma unroll
       for (int k = 0; k < DPL; k++) {
         wo[k] *= alpha;
       }
-      for (int i = warp; i < n; i += NW) {
-        auto value = window_values + ((size_t)bh * n_window + c + i - first) * D;
-        const float p = TQ_EXP(scores[i] - m_new);
+#pragma unroll
+      for (int u = 0; u < WT; u++) {
+        const float p = i0 + u < n ? TQ_EXP(scores[i0 + u] - m_new) : 0.0f;
+#pragma unroll
         for (int k = 0; k < DPL; k++) {
-          wo[k] += p * static_cast<float>(value[lane + 32 * k]);
+          wo[k] += p * val[u][k];
         }
       }
     }
@@ -1451,6 +1474,25 @@ def _rotates_inside(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0
 
 
+@lru_cache(maxsize=256)
+def split_bounds(coded: int, target: int, pad: int, max_segment: int) -> tuple:
+    """Where the decode kernel's splits of slots [0, coded) begin and end: about `target`
+    splits of at least MIN_TOKENS_PER_SPLIT slots (a multiple of 32, a warp's tokens),
+    cut also at each key-mean segment start pad + b_s, s = 1..max_segment (0: none), so
+    that a thread group rotates its queries for one segment, not once per segment its
+    slots meet (at 1K, three passes for the first split). Made once per step: `coded`
+    changes only as tokens are coded."""
+    splits = max(1, min(-(-coded // MIN_TOKENS_PER_SPLIT), target))
+    per_split = max(32, (-(-coded // splits) + 31) // 32 * 32)
+    cuts = set(range(0, coded, per_split))
+    for s in range(1, max_segment + 1):
+        start = pad + (32 << (2 * (s - 1)))  # b_s, as tq_segment_start
+        if start >= coded:
+            break
+        cuts.add(start)
+    return tuple(sorted(cuts | {0})) + (coded,)
+
+
 _PARAMS = {}
 
 
@@ -1580,10 +1622,13 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
         window_values = rotate(window_values, cache.value_signs)
     coded, cap = view.coded, view.packed_keys.shape[2]
     rows, groups = call.rows, call.groups
-    splits = max(1, min(-(-coded // MIN_TOKENS_PER_SPLIT), TARGET_GROUPS // (groups * call.chunks)))
-    per_split = max(1, -(-coded // splits))
-    head = (coded, per_split, scale, view.slots, view.first, cap, splits, call.nseg)
-    params = _params(head + view.rows)
+    target = TARGET_GROUPS // (groups * call.chunks)
+    segment_cuts = call.nseg > 1 and view.segments is None
+    bounds = split_bounds(coded, target, view.rows[0], cache.max_segment if segment_cuts else 0)
+    splits = len(bounds) - 1
+    window_slots = 0 if window_keys is None else window_keys.shape[2]
+    head = (coded, 9 + len(view.rows), scale, view.slots, view.first, cap, splits, call.nseg)
+    params = _params(head + (window_slots,) + view.rows + bounds)
     out, m, s = call.partial(
         inputs=[
             q,

@@ -1,0 +1,113 @@
+"""Device time of each kernel of a decode step, FP16 cache vs TurboQuant (CUDA GPUs).
+
+Wall-clock ratios of batch-1 steps move by 0.2x from run to run (the host builds and
+launches every op), so they cannot tell a kernel change that saves 10 µs a layer. This
+records what the GPU itself ran: PyTorch's profiler (CUPTI, which sees every CUDA kernel
+of the process, MLX's included) over `--steps` pipelined greedy steps after a prompt of
+each context, then per config the kernels per step, their summed device time per step
+(ms; "vs fp16" is FP16's over this) and the `--top` kernels by time (µs per step and
+per launch). Needs torch with CUDA next to MLX's CUDA backend (the GPU machine has both).
+
+    python benchmarks/kernel_trace.py --model random:qwen2.5-7b --contexts 1024 16384 \\
+        --steps 16 --output trace.md
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+import sys
+import tempfile
+
+import mlx.core as mx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
+from step_split import prefilled  # noqa: E402
+
+
+def kernel_name(name: str) -> str:
+    """A kernel's name without namespaces, return type and arguments, at most 70 chars."""
+    name = re.sub(r"^void ", "", name).split("(")[0]
+    name = re.sub(r"\b(mlx::core::cu::|cutlass::|custom_kernel_)", "", name)
+    return name[:70]
+
+
+def summarize(events, steps: int, top: int):
+    """(kernels per step, device ms per step, [(name, launches per step, µs per step,
+    µs per launch)] of the `top` kernels by time) of a Chrome trace's GPU events."""
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in gpu:
+        entry = by_name[kernel_name(e["name"])]
+        entry[0] += 1
+        entry[1] += e["dur"]
+    rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    rows = [(n, c / steps, us / steps, us / c) for n, (c, us) in rows]
+    return len(gpu) / steps, sum(e["dur"] for e in gpu) / steps / 1e3, rows
+
+
+def traced_steps(model, config: dict, context: int, steps: int):
+    """The Chrome-trace events of `steps` pipelined decode steps after the prompt."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step, y = prefilled(model, config, context)
+    for _ in range(4):  # untimed: compiles kernels for new shapes
+        y = step(y)
+        mx.eval(y)
+    torch.zeros(1, device="cuda")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            y = step(y)
+            mx.async_eval(y)
+        mx.eval(y)
+        mx.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a model path, or random:<shape>")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
+    p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--top", type=int, default=6, help="kernels listed per config")
+    p.add_argument("--output", help="also write the table to this file")
+    args = p.parse_args(argv)
+    if "fp16" not in args.configs:
+        raise SystemExit("--configs must include fp16: the table's ratios are against it.")
+    cuda = getattr(mx, "cuda", None)
+    if cuda is None or not cuda.is_available():
+        raise SystemExit("kernel_trace needs MLX's CUDA backend on a CUDA GPU (and torch).")
+
+    model = load_bench_model(args.model, False)
+    summary = [
+        f"Model `{args.model}` on {mx.default_device()}; {args.steps} pipelined decode steps "
+        "per row; device time from CUPTI (PyTorch's profiler).",
+        "",
+        "| context | config | kernels / step | device ms / step | vs fp16 |",
+        "|---|---|---|---|---|",
+    ]
+    details = []
+    for context in args.contexts:
+        found = {}
+        for name in args.configs:
+            events = traced_steps(model, CONFIGS[name], context, args.steps)
+            found[name] = summarize(events, args.steps, args.top)
+        for name, (count, ms, rows) in found.items():
+            ratio = found["fp16"][1] / ms
+            summary.append(f"| {context} | {name} | {count:.0f} | {ms:.2f} | {ratio:.2f}x |")
+            details += ["", f"{name} at {context}:", "", "| kernel | per step | µs / step "
+                        "| µs each |", "|---|---|---|---|"]
+            details += [f"| `{n}` | {c:.1f} | {us:.1f} | {each:.2f} |" for n, c, us, each in rows]
+    print_table("\n".join(summary + details), args.output)
+
+
+if __name__ == "__main__":
+    main()
