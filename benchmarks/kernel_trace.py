@@ -103,8 +103,13 @@ def main(argv=None):
         for name, (count, ms, rows) in found.items():
             ratio = found["fp16"][1] / ms
             summary.append(f"| {context} | {name} | {count:.0f} | {ms:.2f} | {ratio:.2f}x |")
-            details += ["", f"{name} at {context}:", "", "| kernel | per step | µs / step "
-                        "| µs each |", "|---|---|---|---|"]
+            details += [
+                "",
+                f"{name} at {context}:",
+                "",
+                "| kernel | per step | µs / step " "| µs each |",
+                "|---|---|---|---|",
+            ]
             details += [f"| `{n}` | {c:.1f} | {us:.1f} | {each:.2f} |" for n, c, us, each in rows]
     print_table("\n".join(summary + details), args.output)
 

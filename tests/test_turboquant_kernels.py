@@ -481,26 +481,30 @@ if pytest is not None:
         """Decode steps write the float16 window into preallocated buffers, which the
         merge kernel reads from slot window_base on: after a block is coded (the window
         then starts past the buffers' first slot) and after the buffers are made anew
-        (2W + 64 slots: here once 64 or more steps are written), every checked step
-        matches the reference."""
+        (2W + 64 slots: here once 64 or more steps are written), and after trims, every
+        checked step matches the reference."""
         mx.random.seed(6)
         W = 8
         cache = TurboQuantKVCache(3, 3, key_scaling=True, fp16_window=W)
         x = mx.random.normal((1, 2, 100, 64))
         cache.update_and_fetch(x, x * 0.5 + 0.3)
         bases, checked = set(), 0
-        for step in range(75):
+        for step in range(78):
+            if step in (75, 77):  # speculative decoding's rejections: the buffers stay
+                before = cache.recent_keys
+                cache.trim(2)
+                assert mx.array_equal(cache.recent_keys, before[:, :, :-2])
             k = mx.random.normal((1, 2, 1, 64)) * 2 + 1
             cache.update_and_fetch(k, mx.random.normal((1, 2, 1, 64)))
             bases.add(cache.window_base)
-            if step in (0, 9, 10, 70, 74):
+            if step in (0, 9, 10, 70, 74, 75, 77):
                 q = mx.random.normal((1, 4, 1, 64))
                 with mx.stream(mx.cpu):
                     ref = reference(q, cache, 0.125, None)
                 fused = kernels.fused_decode_attention(q, cache, 0.125, None, emulated)
                 np.testing.assert_allclose(np.array(fused), np.array(ref), atol=2e-4, rtol=1e-3)
                 checked += cache.window_base < cache.recent_start
-        assert len(bases) == 2 and checked >= 2
+        assert len(bases) == 2 and checked >= 2 and cache._window_buffers is not None
 
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the

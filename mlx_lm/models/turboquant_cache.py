@@ -678,9 +678,9 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
         )
 
-    def _slide_window(self, keys: mx.array, values: mx.array):
-        """Append new tokens to the float16 window; return the tokens to code now
-        (positions coded.., none unless more than 2W are uncoded: `fp16_window`).
+    def _slide_window(self, keys: mx.array, values: mx.array) -> int:
+        """Append new tokens to the float16 window; return how many of its tokens to code
+        now (positions coded.., none unless more than 2W are uncoded: `fp16_window`).
 
         A decode step writes its tokens into preallocated buffers of slots
         window_base.. (`_window_buffers`; the window is a view of them): one copy per
@@ -708,8 +708,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
                 keys = mx.concatenate([old_keys, keys], axis=2)
                 values = mx.concatenate([old_values, values], axis=2)
         self.recent_keys, self.recent_values, self.recent_start = keys, values, self.coded
-        n = window_flush(keys.shape[2], self.fp16_window)
-        return keys[:, :, :n], values[:, :, :n]
+        return window_flush(keys.shape[2], self.fp16_window)
 
     def _new_window_buffers(self, keys: mx.array):
         """Buffers for the float16 window from slot `coded` on, holding its uncoded
@@ -730,11 +729,12 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         """Store the new tokens: quantized, or with a window in float16 (coding a block
         once more than 2W are uncoded); return the packed codes (`_compressed`)."""
         B, n_kv_heads, S, _ = keys.shape
-        new_keys, new_values = keys, values
+        new_keys, new_values, n = keys, values, S
         if self.fp16_window:
-            new_keys, new_values = self._slide_window(keys, values)
+            n = self._slide_window(keys, values)
+            if n:  # (slicing costs a decode step host time W times out of W + 1)
+                new_keys, new_values = self.recent_keys[:, :, :n], self.recent_values[:, :, :n]
         self.offset += S
-        n = new_keys.shape[2]
         if n == 0:
             if self.head_dim is None:
                 self._setup(keys.shape[-1], values.shape[-1])
@@ -837,10 +837,15 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             if keep <= 0:
                 self.recent_keys = self.recent_values = None
                 self.recent_start = self.coded
+                self._window_buffers = None
+            elif self._window_buffers is not None:  # the window stays in its slots
+                first = self.recent_start - self.window_base
+                keys, values = self._window_buffers
+                self.recent_keys = keys[:, :, first : first + keep]
+                self.recent_values = values[:, :, first : first + keep]
             else:
                 self.recent_keys = self.recent_keys[:, :, :keep]
                 self.recent_values = self.recent_values[:, :, :keep]
-        self._window_buffers = None  # (the next decode step makes new ones)
         self._keep_key_means()
         return n
 
