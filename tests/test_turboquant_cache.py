@@ -394,7 +394,7 @@ def test_fp16_window_attention_matches_its_definition(tmp_path):
         np.testing.assert_array_equal(np.array(x[:, :, :251]), np.array(y))
         np.testing.assert_array_equal(np.array(x), np.array(z[:, :, : T - W]))
     # Held: codes and the float16 tokens from `coded` on (saved: nothing more); a decode
-    # step writes into float16 buffers of 2W + 64 slots, made once per ~64 steps.
+    # step writes into float16 buffers of 2W + 64 slots, made anew at most once every 64 steps.
     one.update_and_fetch(k[:, :, :1], v[:, :, :1])
     coded = TurboQuantKVCache(3, 3)
     coded.update_and_fetch(k[:, :, : T - W], v[:, :, : T - W])

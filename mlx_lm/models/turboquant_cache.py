@@ -712,8 +712,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
 
     def _new_window_buffers(self, keys: mx.array):
         """Buffers for the float16 window from slot `coded` on, holding its uncoded
-        tokens: 2W + 64 slots, so that they are made anew once per 64 decode steps or
-        fewer (they start with at most 2W tokens; coding moves `coded`, not them)."""
+        tokens: 2W + 64 slots, so that they are made anew at most once every 64 decode
+        steps (they start with at most 2W tokens; coding moves `coded`, not them)."""
         B, n_kv_heads, _, D = keys.shape
         shape = (B, n_kv_heads, 2 * self.fp16_window + 64, D)
         buffers = (mx.zeros(shape, mx.float16), mx.zeros(shape, mx.float16))
