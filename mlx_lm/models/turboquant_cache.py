@@ -799,18 +799,19 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         """What the fused decode kernel reads (slot = position): the whole allocated
         buffers, no copies, and the float16 window."""
         B = self.packed_keys.shape[0]
-        window = self.fp16_window and self.recent_keys is not None
-        first, window_keys, window_values = self.recent_start, self.recent_keys, self.recent_values
-        if window and self._window_buffers is not None:
-            first, (window_keys, window_values) = self.window_base, self._window_buffers
+        first, window = self.offset, (None, None)
+        if self.fp16_window and self.recent_keys is not None:
+            first, window = self.recent_start, (self.recent_keys, self.recent_values)
+            if self._window_buffers is not None:  # read in place, from slot window_base
+                first, window = self.window_base, self._window_buffers
         return KernelView(
             *self._buffers(),
             segments=None,
             coded=self.coded,
             slots=self.offset,
-            first=first if window else self.offset,
-            window_keys=window_keys if window else None,
-            window_values=window_values if window else None,
+            first=first,
+            window_keys=window[0],
+            window_values=window[1],
             rows=(0, self.recent_start) * B,
         )
 
