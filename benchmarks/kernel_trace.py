@@ -107,7 +107,7 @@ def main(argv=None):
                 "",
                 f"{name} at {context}:",
                 "",
-                "| kernel | per step | µs / step " "| µs each |",
+                "| kernel | per step | µs / step | µs each |",
                 "|---|---|---|---|",
             ]
             details += [f"| `{n}` | {c:.1f} | {us:.1f} | {each:.2f} |" for n, c, us, each in rows]

@@ -696,8 +696,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             at, stop = self.offset - self.window_base, end - self.window_base
             buffers[0][:, :, at:stop] = keys
             buffers[1][:, :, at:stop] = values
-            first = self.coded - self.window_base
-            keys, values = buffers[0][:, :, first:stop], buffers[1][:, :, first:stop]
+            keys, values = self._buffered(self.coded, end)
         else:
             self._window_buffers = None
             if self.recent_keys is not None:
@@ -724,6 +723,11 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             buffers[1][:, :, :live] = self.recent_values[:, :, held:]
         self._window_buffers, self.window_base = buffers, self.coded
         return buffers
+
+    def _buffered(self, start: int, stop: int):
+        """Views of the window buffers' float16 keys and values of positions [start, stop)."""
+        a, b = start - self.window_base, stop - self.window_base
+        return self._window_buffers[0][:, :, a:b], self._window_buffers[1][:, :, a:b]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Store the new tokens: quantized, or with a window in float16 (coding a block
@@ -840,10 +844,9 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
                 self.recent_start = self.coded
                 self._window_buffers = None
             elif self._window_buffers is not None:  # the window stays in its slots
-                first = self.recent_start - self.window_base
-                keys, values = self._window_buffers
-                self.recent_keys = keys[:, :, first : first + keep]
-                self.recent_values = values[:, :, first : first + keep]
+                self.recent_keys, self.recent_values = self._buffered(
+                    self.recent_start, self.offset
+                )
             else:
                 self.recent_keys = self.recent_keys[:, :, :keep]
                 self.recent_values = self.recent_values[:, :, :keep]

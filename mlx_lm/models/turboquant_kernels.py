@@ -262,8 +262,8 @@ TQ_FN void tq_hadamard(Shared h, int d) {
 # norms [BH, CAP] f16; segments [CAP] (ring); codebooks; params f32 = {coded, BOUNDS,
 # scale, slots, first, cap, SPLITS, NSEG (segments held, 0: no centering), the float16
 # buffer's slots per head, then pad and start per sequence, then at params[BOUNDS] the
-# SPLITS + 1 slots where the splits begin and end (`split_bounds`)}. Outputs per (bh, split, row): the unnormalised
-# output, the running max and the sum of the softmax.
+# SPLITS + 1 slots where the splits begin and end (`split_bounds`)}. Outputs per (bh,
+# split, row): the unnormalised output, the running max and the sum of the softmax.
 PARTIAL_BODY = """
   constexpr int NW = NT / 32;
   constexpr int DPL = D / 32;
@@ -811,10 +811,9 @@ PARTIAL_BODY = """
 # rotated by the host, whose output is then rotated too. Its tokens go WCHUNK = NW x WT
 # at a time (online softmax), WT per warp for the scores and the values (2 x WT x DPL
 # = 64 registers per lane), each lane taking the dims lane, lane + 32, ...: coalesced
-# loads. Template: D, R, L, WIN, ROT,
-# HKV. Inputs: the partial kernel's outputs, value_signs [D], q [BH, R, D], window_keys /
-# values [BH, n, D] (slot first + i at i; n >= slots - first), params (the partial
-# kernel's).
+# loads. Template: D, R, L, WIN, ROT, HKV. Inputs: the partial kernel's outputs,
+# value_signs [D], q [BH, R, D], window_keys / values [BH, n, D] (slot first + i at i;
+# n >= slots - first), params (the partial kernel's).
 MERGE_BODY = """
   constexpr int NW = D / 32;
   constexpr int DPL = D / 32;
