@@ -93,6 +93,8 @@ def test_kernel_trace_sums_device_time_per_step():
     count, ms, rows = trace.summarize(events, steps=2, top=2)
     assert count == 2.0 and ms == (30 + 10 + 6 + 2) / 2 / 1e3
     assert rows == [("qmv<8>", 1.0, 20.0, 20.0), ("turboquant_merge", 0.5, 3.0, 6.0)]
+    with pytest.raises(SystemExit, match="must include fp16"):
+        trace.main(["--model", "random:smollm2-135m", "--configs", "tq3"])
     if getattr(mx, "cuda", None) is None or not mx.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             trace.main(["--model", "random:smollm2-135m"])
