@@ -428,6 +428,34 @@ def test_fp16_window_trim_and_refeed_gives_the_same_cache(n):
         np.testing.assert_array_equal(np.array(x), np.array(y))
 
 
+def test_fp16_window_views_are_made_when_asked():
+    """A decode step writes its token into the window buffers and makes no views of
+    them (the fused kernel reads the buffers; two slices a layer were host time in every
+    step). `recent_keys` / `recent_values`, made when asked, hold the float16 tokens of
+    positions recent_start..offset-1 across steps, blocks coded, trims and new buffers."""
+    W, T = 8, 40
+    k = mx.random.normal((1, 2, 200, 64)).astype(mx.float16)
+    v = mx.random.normal((1, 2, 200, 64)).astype(mx.float16)
+    cache = TurboQuantKVCache(3, 3, fp16_window=W)
+    cache.update_and_fetch(k[:, :, :T], v[:, :, :T])
+    pos, bases, lazy = T, set(), 0
+    for step in range(120):
+        coded = cache.coded
+        cache.update_and_fetch(k[:, :, pos : pos + 1], v[:, :, pos : pos + 1])
+        pos += 1
+        bases.add(id(cache._window_buffers))
+        if cache.coded == coded:  # nothing coded: nothing sliced
+            assert cache._window_end is not None
+            lazy += 1
+        if step % 5 == 4:
+            cache.trim(2)
+            pos -= 2
+        a = cache.recent_start
+        np.testing.assert_array_equal(np.array(cache.recent_keys), np.array(k[:, :, a:pos]))
+        np.testing.assert_array_equal(np.array(cache.recent_values), np.array(v[:, :, a:pos]))
+    assert len(bases) >= 2 and lazy > 100 and cache.offset == pos
+
+
 def test_fp16_window_and_key_scaling_through_the_model(tmp_path):
     model = make_tiny_model("llama")
     seq = tokens(120, seed=2)

@@ -826,6 +826,50 @@ if pytest is not None:
             _compile(broken, tmp_path)
 
 
+def test_cuda_kernel_sources_go_through_include_files(tmp_path, monkeypatch):
+    """MLX handles a kernel's whole text at every call, so CUDA kernels reach it as
+    `#include` lines of files holding their text (named by its hash); Metal's get the
+    text. A file of that name holding other text is rewritten; where no file can be
+    written the text goes as it is."""
+    monkeypatch.setenv("MLX_LM_TURBO_KERNEL_DIR", str(tmp_path / "k"))
+    text = "constexpr int D = 64;\nint x = D;\n"
+    line = kernels._included(text)
+    path = line.split('"')[1]
+    assert line == f'#include "{path}"\n' and path.startswith(str(tmp_path / "k"))
+    assert open(path).read() == text and kernels._included(text) == line
+    with open(path, "w") as f:
+        f.write("int planted;\n")
+    assert kernels._included(text) == line and open(path).read() == text
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MLX_LM_TURBO_KERNEL_DIR", str(tmp_path / "file" / "k"))
+    assert kernels._included(text) == text
+
+    monkeypatch.setenv("MLX_LM_TURBO_KERNEL_DIR", str(tmp_path / "k"))
+    made = {}
+
+    def recorder(flavour):
+        def make(name, input_names, output_names, source, header):
+            made[flavour] = (source, header)
+
+        return make
+
+    for flavour in ("cuda", "metal"):
+        monkeypatch.setitem(
+            kernels.KERNEL_MAKERS, "record-" + flavour, (flavour, lambda f=flavour: recorder(f))
+        )
+        kernels._specialised("record-" + flavour, 1, (("D", 64), ("out_t", mx.float32)))
+    header, merge = kernels.kernel_sources("cuda")[0], kernels.kernel_sources("cuda")[2]
+    source, head = made["cuda"]
+    assert source.startswith("#include") and head.startswith("#include")
+    with open(source.split('"')[1]) as f:
+        assert f.read() == kernels.compact_source(
+            "constexpr int D = 64;\ntypedef float out_t;\n" + merge
+        )
+    with open(head.split('"')[1]) as f:
+        assert f.read() == kernels.compact_source(header)
+    assert "tq_hadamard" in made["metal"][1] and "#include" not in made["metal"][0]
+
+
 def test_split_bounds_cut_at_every_segment_start():
     from mlx_lm.models.turboquant_cache import segment_start
 

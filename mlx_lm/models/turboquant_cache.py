@@ -634,8 +634,10 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         self.packed_values = None
         self.value_norms = None
         self._segments = None
-        # float16 keys/values of positions recent_start..offset-1 (recent_start <= coded)
-        self.recent_keys = self.recent_values = None
+        # float16 keys/values of positions recent_start..offset-1 (recent_start <= coded):
+        # `recent_keys` / `recent_values`, views of the window buffers after a decode step
+        self._recent = (None, None)
+        self._window_end = None  # set: `_recent` is yet to be sliced out of the buffers
         self.recent_start = 0
         self._window_buffers = None  # (keys, values) of slots window_base..; see _slide_window
         self.window_base = 0
@@ -678,6 +680,27 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
         )
 
+    @property
+    def recent_keys(self) -> Optional[mx.array]:
+        """float16 keys of positions recent_start..offset-1 (None: no window)."""
+        return self._recent_window()[0]
+
+    @property
+    def recent_values(self) -> Optional[mx.array]:
+        return self._recent_window()[1]
+
+    def _recent_window(self):
+        # A decode step leaves the window's views of the buffers unmade: the decode
+        # kernel reads the buffers themselves, and two slices a layer were host time
+        # in every step. They are made when something asks for them.
+        if self._window_end is not None:
+            self._recent = self._buffered(self.recent_start, self._window_end)
+            self._window_end = None
+        return self._recent
+
+    def _set_recent(self, keys: Optional[mx.array], values: Optional[mx.array]):
+        self._recent, self._window_end = (keys, values), None
+
     def _slide_window(self, keys: mx.array, values: mx.array) -> int:
         """Append new tokens to the float16 window; return how many of its tokens to code
         now (positions coded.., none unless more than 2W are uncoded: `fp16_window`).
@@ -696,18 +719,19 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             at, stop = self.offset - self.window_base, end - self.window_base
             buffers[0][:, :, at:stop] = keys
             buffers[1][:, :, at:stop] = values
-            keys, values = self._buffered(self.coded, end)
+            self.recent_start, self._window_end = self.coded, end
         else:
+            old_keys, old_values = self._recent_window()
             self._window_buffers = None
-            if self.recent_keys is not None:
+            if old_keys is not None:
                 held = self.coded - self.recent_start
-                old_keys, old_values = self.recent_keys, self.recent_values
                 if held:
                     old_keys, old_values = old_keys[:, :, held:], old_values[:, :, held:]
                 keys = mx.concatenate([old_keys, keys], axis=2)
                 values = mx.concatenate([old_values, values], axis=2)
-        self.recent_keys, self.recent_values, self.recent_start = keys, values, self.coded
-        return window_flush(keys.shape[2], self.fp16_window)
+            self._set_recent(keys, values)
+            self.recent_start = self.coded
+        return window_flush(end - self.coded, self.fp16_window)
 
     def _new_window_buffers(self, keys: mx.array):
         """Buffers for the float16 window from slot `coded` on, holding its uncoded
@@ -804,10 +828,10 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         buffers, no copies, and the float16 window."""
         B = self.packed_keys.shape[0]
         first, window = self.offset, (None, None)
-        if self.fp16_window and self.recent_keys is not None:
+        if self._window_buffers is not None:  # read in place, from slot window_base
+            first, window = self.window_base, self._window_buffers
+        elif self.fp16_window and self.recent_keys is not None:
             first, window = self.recent_start, (self.recent_keys, self.recent_values)
-            if self._window_buffers is not None:  # read in place, from slot window_base
-                first, window = self.window_base, self._window_buffers
         return KernelView(
             *self._buffers(),
             segments=None,
@@ -840,16 +864,13 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         if self.recent_keys is not None:
             keep = self.offset - self.recent_start
             if keep <= 0:
-                self.recent_keys = self.recent_values = None
+                self._set_recent(None, None)
                 self.recent_start = self.coded
                 self._window_buffers = None
             elif self._window_buffers is not None:  # the window stays in its slots
-                self.recent_keys, self.recent_values = self._buffered(
-                    self.recent_start, self.offset
-                )
+                self._window_end = self.offset
             else:
-                self.recent_keys = self.recent_keys[:, :, :keep]
-                self.recent_values = self.recent_values[:, :, :keep]
+                self._set_recent(self.recent_keys[:, :, :keep], self.recent_values[:, :, :keep])
         self._keep_key_means()
         return n
 
@@ -880,7 +901,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
     @state.setter
     def state(self, v):
         self._segments = None
-        self.recent_keys = self.recent_values = None
+        self._set_recent(None, None)
         self._window_buffers = None
         if not v:
             self.packed_keys = self.key_norms = self.packed_values = self.value_norms = None
@@ -893,7 +914,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         self.key_means = v[4] if len(v) > 4 else None
         self.key_scales = v[5] if len(v) > 5 else None
         if len(v) > 6 and v[6] is not None:
-            self.recent_keys, self.recent_values = v[6], v[7]
+            self._set_recent(v[6], v[7])
 
     @property
     def meta_state(self):
