@@ -3,7 +3,9 @@
 Isolates what `kv_bench.py` measures for a whole model: a KV cache of one layer is filled
 with `context` random tokens, then `--calls` attention calls (or cache updates) are
 built and evaluated together, as a model's layers would be, and the time per call is
-the median over `--rounds`. On a GPU the TurboQuant rows are the fused kernels (set
+the median over `--rounds`. Each attention call's query is the previous call's output,
+so that they run one after another as layers do (independent calls may overlap on a
+GPU: earlier tables here timed them so). On a GPU the TurboQuant rows are the fused kernels (set
 MLX_LM_TURBO_REFERENCE=1 for the reference); on the CPU they are the reference.
 
     python benchmarks/attention_bench.py --contexts 4096 32768 131072 --batch 1 \\
@@ -27,41 +29,50 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.turboquant_cache import TurboQuantKVCache
 
 
-def per_call_us(f, calls: int, rounds: int) -> float:
-    mx.eval(f())
+def chained(f, x, calls: int):
+    """`calls` calls of f, each given the previous call's output (x the first's): an
+    attention call's query is the last one's output, so the calls depend on each other
+    as a model's layers do. (Cache updates ignore it.)"""
+    for _ in range(calls):
+        x = f(x)
+    return x
+
+
+def per_call_us(f, x, calls: int, rounds: int) -> float:
+    mx.eval(f(x))
     times = []
     for _ in range(rounds):
         mx.synchronize()
         tic = time.perf_counter()
-        mx.eval([f() for _ in range(calls)])
+        mx.eval(chained(f, x, calls))
         times.append((time.perf_counter() - tic) / calls)
     return statistics.median(times) * 1e6
 
 
-def eval_us(f, calls: int, rounds: int) -> float:
+def eval_us(f, x, calls: int, rounds: int) -> float:
     """Time to evaluate `calls` calls' graph, built beforehand: the device's work and
     its launches, without the Python that builds the graph."""
-    mx.eval(f())
+    mx.eval(f(x))
     times = []
     for _ in range(rounds):
-        outs = [f() for _ in range(calls)]
+        out = chained(f, x, calls)
         mx.synchronize()
         tic = time.perf_counter()
-        mx.eval(outs)
+        mx.eval(out)
         times.append((time.perf_counter() - tic) / calls)
     return statistics.median(times) * 1e6
 
 
-def build_us(f, calls: int, rounds: int) -> float:
+def build_us(f, x, calls: int, rounds: int) -> float:
     """Host time to build one call's graph (nothing evaluated while timing): on a GPU at
     batch 1 a decode step is bound by this and the launches, not by the kernels."""
     times = []
     for _ in range(rounds):
         mx.synchronize()
         tic = time.perf_counter()
-        outs = [f() for _ in range(calls)]
+        out = chained(f, x, calls)
         times.append((time.perf_counter() - tic) / calls)
-        mx.eval(outs)
+        mx.eval(out)
     return statistics.median(times) * 1e6
 
 
@@ -76,12 +87,12 @@ def with_constants(f, variant: str):
                 "module constants, e.g. TARGET_GROUPS=512 or TENSOR_CORES=0."
             )
 
-    def g():
+    def g(*args):
         saved = {name: getattr(kernels, name) for name in settings}
         for name, value in settings.items():
             setattr(kernels, name, type(saved[name])(int(value)))
         try:
-            return f()
+            return f(*args)
         finally:
             for name, value in saved.items():
                 setattr(kernels, name, value)
@@ -152,31 +163,31 @@ def main():
         keys, values = fp16.state
 
         def update(cache):
-            def f():
+            def f(_):
                 cache.update_and_fetch(new, new)
                 cache.trim(1)
                 return cache.state
 
             return f
 
-        def attend_fp16():
-            return scaled_dot_product_attention(q, keys, values, fp16, scale, None)
+        def attend_fp16(x):
+            return scaled_dot_product_attention(x, keys, values, fp16, scale, None)
 
-        def attend_tq():
-            return scaled_dot_product_attention(q, None, None, tq, scale, None)
+        def attend_tq(x):
+            return scaled_dot_product_attention(x, None, None, tq, scale, None)
 
         # The kernel without tensor cores: what Metal runs.
         attend_tq_per_lane = with_constants(attend_tq, "TENSOR_CORES=0")
         attends = (attend_fp16, attend_tq, attend_tq_per_lane)
-        row = [per_call_us(f, args.calls, args.rounds) for f in attends]
-        row += [eval_us(f, args.calls, args.rounds) for f in attends[:2]]
+        row = [per_call_us(f, q, args.calls, args.rounds) for f in attends]
+        row += [eval_us(f, q, args.calls, args.rounds) for f in attends[:2]]
         variants_row = [
-            eval_us(with_constants(attend_tq, v), args.calls, args.rounds) for v in args.variant
+            eval_us(with_constants(attend_tq, v), q, args.calls, args.rounds) for v in args.variant
         ]
-        row += [per_call_us(update(c), args.calls, args.rounds) for c in (fp16, tq)]
+        row += [per_call_us(update(c), q, args.calls, args.rounds) for c in (fp16, tq)]
         # Graph building of a layer's step: the update, then the attention.
         row += [
-            build_us(lambda c=c, a=a: (update(c)(), a()), args.calls, args.rounds)
+            build_us(lambda x, c=c, a=a: (update(c)(x), a(x))[1], q, args.calls, args.rounds)
             for c, a in ((fp16, attend_fp16), (tq, attend_tq))
         ]
         lines.append(

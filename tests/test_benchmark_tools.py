@@ -34,6 +34,21 @@ def test_attention_bench_variant_names_an_unknown_constant():
     assert kernels.TENSOR_CORES is True and kernels.TARGET_GROUPS != 64  # restored
 
 
+def test_attention_bench_chains_its_calls():
+    """The timed attention calls depend on each other, as a model's layers do (each
+    query the previous call's output), so a GPU cannot overlap them."""
+    bench = load("attention_bench")
+    seen = []
+
+    def attend(x):
+        seen.append(x)
+        return x * 2
+
+    out = bench.chained(attend, mx.array(1.0), 4)
+    assert out.item() == 16 and [x.item() for x in seen] == [1, 2, 4, 8]
+    assert bench.per_call_us(attend, mx.array(1.0), 3, 2) > 0
+
+
 def test_kernel_resources_builds_every_decode_kernel_and_says_when_nvcc_is_missing(monkeypatch):
     resources = load("kernel_resources")
     plans = resources.decode_plans()

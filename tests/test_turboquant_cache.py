@@ -428,6 +428,29 @@ def test_fp16_window_trim_and_refeed_gives_the_same_cache(n):
         np.testing.assert_array_equal(np.array(x), np.array(y))
 
 
+def test_codec_constants_are_made_once_per_layer_and_setting():
+    """Each new cache (each request a server takes) asks every layer for its rotation
+    signs and codebooks: they are made once per (head_dim, seed, layer, bits) and shared,
+    and they are the ones the rotation and codebook functions give."""
+    from mlx_lm.models import turboquant_cache
+    from mlx_lm.models.turboquant_rotation import rotation_signs
+
+    k = mx.random.normal((1, 2, 5, 64))
+    a, b = TurboQuantKVCache(3, 4, layer_idx=3), TurboQuantKVCache(3, 4, layer_idx=3)
+    a.update_and_fetch(k, k)
+    misses = turboquant_cache._codec_constants.cache_info().misses
+    b.update_and_fetch(k, k)
+    assert turboquant_cache._codec_constants.cache_info().misses == misses
+    assert a.key_signs is b.key_signs and a.value_centroids is b.value_centroids
+    np.testing.assert_array_equal(np.array(a.key_signs), np.array(rotation_signs(64, 0, 3, "k")))
+    np.testing.assert_array_equal(np.array(a.value_signs), np.array(rotation_signs(64, 0, 3, "v")))
+    assert len(a.key_codebook) == 8 and len(a.value_codebook) == 16
+    np.testing.assert_array_equal(np.array(a.key_centroids), np.array(a.key_codebook, np.float32))
+    other = TurboQuantKVCache(3, 4, layer_idx=4)
+    other.update_and_fetch(k, k)
+    assert not np.array_equal(np.array(other.key_signs), np.array(a.key_signs))
+
+
 def test_fp16_window_views_are_made_when_asked():
     """A decode step writes its token into the window buffers and makes no views of
     them (the fused kernel reads the buffers; two slices a layer were host time in every
