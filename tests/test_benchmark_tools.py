@@ -80,6 +80,24 @@ def test_host_bench_times_the_fused_path_and_restores_the_dispatch(tmp_path):
     assert "| fp16 | tq3 | tq3 / fp16 |" in out.read_text()
 
 
+def test_host_bench_times_each_prefill_chunk(tmp_path):
+    """With --prefill-step, host_bench builds a chunked prefill's graphs through the
+    fused path (the dequantize stand-in runs) and reports every chunk."""
+    from mlx_lm.models import turboquant_kernels as kernels
+
+    before = kernels._specialised.cache_info().hits + kernels._specialised.cache_info().misses
+    out = tmp_path / "prefill.md"
+    load("host_bench").main(
+        ["--context", "600", "--prefill-step", "256", "--rounds", "1", "--heads", "4"]
+        + ["--kv-heads", "2", "--head-dim", "64", "--output", str(out)]
+    )
+    info = kernels._specialised.cache_info()
+    assert info.hits + info.misses > before  # stand-in kernels were asked for
+    text = out.read_text()
+    assert "| config | chunk 0 | chunk 1 | chunk 2 | all |" in text
+    assert "| fp16 |" in text and "| tq3 |" in text and "tq3 / fp16 in all" in text
+
+
 def test_step_split_times_every_part_of_a_decode_step(tmp_path):
     """step_split writes one row per context and config, FP16's ratio 1.00x, and refuses
     a table without FP16 to compare with."""
