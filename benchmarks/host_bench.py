@@ -56,6 +56,11 @@ def main(argv=None):
     p.add_argument("--prefill-step", type=int, help="time a chunked prefill's graphs instead")
     p.add_argument("--output")
     args = p.parse_args(argv)
+    if args.prefill_step is not None and not 0 < args.prefill_step <= args.context:
+        p.error(
+            f"--prefill-step must be a chunk length from 1 to --context ({args.context}), "
+            f"got {args.prefill_step}; e.g. --prefill-step 2048."
+        )
 
     kernels.KERNEL_MAKERS["stand-in"] = ("cuda", lambda: stand_in_kernel)
     saved = turboquant_attention.fused_backend, turboquant_cache.fused_backend

@@ -80,7 +80,7 @@ def test_host_bench_times_the_fused_path_and_restores_the_dispatch(tmp_path):
     assert "| fp16 | tq3 | tq3 / fp16 |" in out.read_text()
 
 
-def test_host_bench_times_each_prefill_chunk(tmp_path):
+def test_host_bench_times_each_prefill_chunk(tmp_path, capsys):
     """With --prefill-step, host_bench builds a chunked prefill's graphs through the
     fused path (the dequantize stand-in runs) and reports every chunk."""
     from mlx_lm.models import turboquant_kernels as kernels
@@ -96,6 +96,12 @@ def test_host_bench_times_each_prefill_chunk(tmp_path):
     text = out.read_text()
     assert "| config | chunk 0 | chunk 1 | chunk 2 | all |" in text
     assert "| fp16 |" in text and "| tq3 |" in text and "tq3 / fp16 in all" in text
+    for bad in ("0", "-5", "700"):
+        with pytest.raises(SystemExit):
+            load("host_bench").main(["--context", "600", "--prefill-step", bad])
+        assert f"--prefill-step must be a chunk length from 1 to --context (600), got {bad}" in (
+            capsys.readouterr().err
+        )
 
 
 def test_step_split_times_every_part_of_a_decode_step(tmp_path):
