@@ -8,8 +8,14 @@ each context, then per config the kernels per step, their summed device time per
 (ms; "vs fp16" is FP16's over this) and the `--top` kernels by time (µs per step and
 per launch). Needs torch with CUDA next to MLX's CUDA backend (the GPU machine has both).
 
+With `--prefill`, the same over one chunked prefill of each context (per prefill, not
+per step): with step_split.py's `--prefill` wall-clock split, it tells a prefill's gap to
+FP16 on the device from the one on the host.
+
     python benchmarks/kernel_trace.py --model random:qwen2.5-7b --contexts 1024 16384 \\
         --steps 16 --output trace.md
+    python benchmarks/kernel_trace.py --model random:qwen2.5-7b --contexts 4096 16384 \\
+        --prefill --top 10
 """
 
 import argparse
@@ -24,7 +30,7 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
-from step_split import prefilled  # noqa: E402
+from step_split import prefilled, split_prefill  # noqa: E402
 
 
 def kernel_name(name: str) -> str:
@@ -48,27 +54,43 @@ def summarize(events, steps: int, top: int):
     return len(gpu) / steps, sum(e["dur"] for e in gpu) / steps / 1e3, rows
 
 
-def traced_steps(model, config: dict, context: int, steps: int):
-    """The Chrome-trace events of `steps` pipelined decode steps after the prompt."""
+def traced(run):
+    """The Chrome-trace events of the GPU work `run()` does."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    step, y = prefilled(model, config, context)
-    for _ in range(4):  # untimed: compiles kernels for new shapes
-        y = step(y)
-        mx.eval(y)
     torch.zeros(1, device="cuda")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            y = step(y)
-            mx.async_eval(y)
-        mx.eval(y)
+        run()
         mx.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             return json.load(f)["traceEvents"]
+
+
+def traced_steps(model, config: dict, context: int, steps: int):
+    """The Chrome-trace events of `steps` pipelined decode steps after the prompt."""
+    step, y = prefilled(model, config, context)
+    for _ in range(4):  # untimed: compiles kernels for new shapes
+        y = step(y)
+        mx.eval(y)
+
+    def run():
+        nonlocal y
+        for _ in range(steps):
+            y = step(y)
+            mx.async_eval(y)
+        mx.eval(y)
+
+    return traced(run)
+
+
+def traced_prefill(model, config: dict, context: int, prefill_step: int):
+    """The Chrome-trace events of one prefill of `context` tokens in chunks."""
+    split_prefill(model, config, min(context, prefill_step), prefill_step)  # compiles
+    return traced(lambda: split_prefill(model, config, context, prefill_step))
 
 
 def main(argv=None):
@@ -78,6 +100,8 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--top", type=int, default=6, help="kernels listed per config")
+    p.add_argument("--prefill", action="store_true", help="trace chunked prefills instead")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--output", help="also write the table to this file")
     args = p.parse_args(argv)
     if "fp16" not in args.configs:
@@ -87,19 +111,30 @@ def main(argv=None):
         raise SystemExit("kernel_trace needs MLX's CUDA backend on a CUDA GPU (and torch).")
 
     model = load_bench_model(args.model, False)
+    if args.prefill:
+        what, unit, per = f"one prefill in chunks of {args.prefill_step_size}", "prefill", 1
+
+        def events_of(config, context):
+            return traced_prefill(model, config, context, args.prefill_step_size)
+
+    else:
+        what, unit, per = f"{args.steps} pipelined decode steps", "step", args.steps
+
+        def events_of(config, context):
+            return traced_steps(model, config, context, args.steps)
+
     summary = [
-        f"Model `{args.model}` on {mx.default_device()}; {args.steps} pipelined decode steps "
-        "per row; device time from CUPTI (PyTorch's profiler).",
+        f"Model `{args.model}` on {mx.default_device()}; {what} per row; device time from "
+        "CUPTI (PyTorch's profiler).",
         "",
-        "| context | config | kernels / step | device ms / step | vs fp16 |",
+        f"| context | config | kernels / {unit} | device ms / {unit} | vs fp16 |",
         "|---|---|---|---|---|",
     ]
     details = []
     for context in args.contexts:
         found = {}
         for name in args.configs:
-            events = traced_steps(model, CONFIGS[name], context, args.steps)
-            found[name] = summarize(events, args.steps, args.top)
+            found[name] = summarize(events_of(CONFIGS[name], context), per, args.top)
         for name, (count, ms, rows) in found.items():
             ratio = found["fp16"][1] / ms
             summary.append(f"| {context} | {name} | {count:.0f} | {ms:.2f} | {ratio:.2f}x |")
@@ -107,7 +142,7 @@ def main(argv=None):
                 "",
                 f"{name} at {context}:",
                 "",
-                "| kernel | per step | µs / step | µs each |",
+                f"| kernel | per {unit} | µs / {unit} | µs each |",
                 "|---|---|---|---|",
             ]
             details += [f"| `{n}` | {c:.1f} | {us:.1f} | {each:.2f} |" for n, c, us, each in rows]

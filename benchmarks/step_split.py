@@ -10,8 +10,15 @@ built, launched (`mx.async_eval` until it returns) and waited for on its own (me
 of each part). Pipelined, a step takes at least its build + launch (one host thread) and
 at least its device time.
 
+With `--prefill`, the same split for a chunked prefill of each context (each chunk's
+graph built, launched and waited for, as generate_step runs them: ms per prefill, summed
+over its chunks), so that a prefill gap to FP16 can be told to come from the host's
+building, its launching, or the device.
+
     python benchmarks/step_split.py --model random:qwen2.5-7b --contexts 1024 16384 \\
         --steps 64 --rounds 2 --output split.md
+    python benchmarks/step_split.py --model random:qwen2.5-7b --contexts 4096 16384 \\
+        --prefill --rounds 3
 """
 
 import argparse
@@ -43,6 +50,28 @@ def prefilled(model, config: dict, context: int, prefill_step: int = 2048):
         return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
 
     return step, mx.argmax(logits[:, -1], axis=-1)
+
+
+def split_prefill(model, config: dict, context: int, prefill_step: int = 2048):
+    """(ms in all, build ms, launch ms, wait ms) of a prefill of `context` random tokens
+    in chunks of `prefill_step` into a fresh cache of `config`, each chunk's parts summed:
+    its graph built (the model call), launched (`mx.async_eval` returning), then waited
+    for, as generate_step evaluates each chunk before building the next."""
+    cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+    rng = np.random.default_rng(context)
+    tokens = mx.array(rng.integers(100, model.args.vocab_size - 100, (1, context)), mx.uint32)
+    mx.synchronize()
+    parts = []
+    for start in range(0, context, prefill_step):
+        tic = time.perf_counter()
+        logits = model(tokens[:, start : start + prefill_step], cache=cache)
+        built = time.perf_counter()
+        mx.async_eval(logits, [c.state for c in cache])
+        launched = time.perf_counter()
+        mx.eval(logits, [c.state for c in cache])
+        parts.append((built - tic, launched - built, time.perf_counter() - launched))
+    parts = [sum(p[i] for p in parts) * 1e3 for i in range(3)]
+    return (sum(parts), *parts)
 
 
 def split_step(model, config: dict, context: int, steps: int):
@@ -78,6 +107,8 @@ def main(argv=None):
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
     p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prefill", action="store_true", help="split chunked prefills instead")
+    p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--output", help="also write the table to this file")
     args = p.parse_args(argv)
@@ -85,18 +116,33 @@ def main(argv=None):
         raise SystemExit("--configs must include fp16: the table's ratios are against it.")
 
     model = load_bench_model(args.model, args.dequantize)
+    if args.prefill:
+        what = f"ms per prefill in chunks of {args.prefill_step_size} (each chunk's parts summed)"
+        first = "in all"
+
+        def split(config, context):
+            # The first chunk of a new shape compiles kernels: a warm-up prefill, untimed.
+            split_prefill(model, config, min(context, args.prefill_step_size))
+            return split_prefill(model, config, context, args.prefill_step_size)
+
+    else:
+        what, first = f"{args.steps} steps per part; ms per step", "pipelined"
+
+        def split(config, context):
+            return split_step(model, config, context, args.steps)
+
     lines = [
-        f"Model `{args.model}` on {mx.default_device()}; {args.steps} steps per part, median "
-        f"of {args.rounds} interleaved rounds; ms per step.",
+        f"Model `{args.model}` on {mx.default_device()}; {what}, median of {args.rounds} "
+        "interleaved rounds.",
         "",
-        "| context | config | pipelined | vs fp16 | build | launch | wait |",
+        f"| context | config | {first} | vs fp16 | build | launch | wait |",
         "|---|---|---|---|---|---|---|",
     ]
     for context in args.contexts:
         runs = {name: [] for name in args.configs}
         for _ in range(args.rounds):
             for name in args.configs:
-                runs[name].append(split_step(model, CONFIGS[name], context, args.steps))
+                runs[name].append(split(CONFIGS[name], context))
         med = {n: [statistics.median(r[i] for r in runs[n]) for i in range(4)] for n in runs}
         for name in args.configs:
             pipelined, build, launch, wait = med[name]

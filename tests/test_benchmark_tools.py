@@ -119,6 +119,33 @@ def test_step_split_times_every_part_of_a_decode_step(tmp_path):
     assert all(float(r[5]) >= 0 for r in rows)  # launch: on the CPU it may round to 0
 
 
+def test_step_split_splits_a_chunked_prefill(tmp_path, monkeypatch):
+    """step_split --prefill sums each chunk's build, launch and wait over a prefill
+    (timed after a warm-up prefill of one chunk), its total their sum."""
+    split = load("step_split")
+    chunks, model = [], split.load_bench_model("random:smollm2-135m", True)
+
+    class Counted:  # the model, counting the tokens of each call
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def __call__(self, tokens, cache):
+            chunks.append(tokens.shape[1])
+            return model(tokens, cache=cache)
+
+    monkeypatch.setattr(split, "load_bench_model", lambda *a: Counted())
+    out = tmp_path / "split.md"
+    args = ["--model", "random:smollm2-135m", "--dequantize", "--contexts", "40", "--prefill"]
+    split.main(args + ["--prefill-step-size", "16", "--rounds", "1", "--output", str(out)])
+    # per config: a warm-up prefill of one chunk, then 40 tokens in chunks of 16
+    assert chunks == [16, 16, 16, 8] * 2
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 40 ")]
+    assert [r[1] for r in rows] == ["fp16", "tq3"] and rows[0][3] == "1.00x"
+    for r in rows:
+        total, build, launch, wait = (float(x.rstrip(" |")) for x in (r[2], r[4], r[5], r[6]))
+        assert build > 0 and wait >= 0 and abs(total - (build + launch + wait)) < 0.02
+
+
 def test_kernel_trace_sums_device_time_per_step():
     """kernel_trace's summary of a Chrome trace: GPU events only, per step, by name."""
     trace = load("kernel_trace")
