@@ -231,6 +231,7 @@ DEQUANT_CASES = [
     dict(kind="single", D=64, bits=2, centering=False),
     dict(kind="ring", D=64, bits=3, scaling=True),
     dict(kind="batch", D=64, bits=3, scaling=True, window=16),
+    dict(kind="single", D=256, bits=3, scaling=True, window=16),  # eight values a lane
 ]
 
 
@@ -396,8 +397,11 @@ if pytest is not None:
     def test_fused_dequantize_matches_reference(c):
         _check_dequantize(c, T=3000)
 
-    def test_emulated_quantize_matches_reference(emulated):
-        _check_quantize(64, 3, True, emulated, tokens=6, with_scale=True)
+    @pytest.mark.parametrize("D, bits, with_mean", [(64, 3, True), (32, 2, True), (256, 8, False)])
+    def test_emulated_quantize_matches_reference(D, bits, with_mean, emulated):
+        """A warp per vector: lanes holding one (D 32) to eight (D 256) coordinates,
+        and packed words past the warp's 32 lanes (8 bits at D 256: 64 words)."""
+        _check_quantize(D, bits, with_mean, emulated, tokens=6, with_scale=with_mean)
 
     def test_emulated_fused_quantize_through_the_caches(emulated, monkeypatch):
         """The caches' GPU coding path (one fused launch, 1/σ and μ/σ kept per segment)
@@ -716,12 +720,14 @@ PARTIAL_TEMPLATES = [
     ),
 ]
 DEQUANT_TEMPLATES = [
-    dict(D=128, KB=3, VB=3, KW=12, VW=12, CENTERED=1, SCALED=1, INVERSE=0, SEG_ROWS=1, HKV=4),
-    dict(D=64, KB=4, VB=2, KW=8, VW=4, CENTERED=0, SCALED=0, INVERSE=1, SEG_ROWS=0, HKV=2),
+    dict(
+        D=128, NT=128, KB=3, VB=3, KW=12, VW=12, CENTERED=1, SCALED=1, INVERSE=0, SEG_ROWS=1, HKV=4
+    ),
+    dict(D=64, NT=128, KB=4, VB=2, KW=8, VW=4, CENTERED=0, SCALED=0, INVERSE=1, SEG_ROWS=0, HKV=2),
 ]
 QUANTIZE_TEMPLATES = [
-    dict(D=128, KBITS=3, VBITS=3, KW=12, VW=12, HAS_MEAN=1, HAS_SCALE=1),
-    dict(D=64, KBITS=4, VBITS=2, KW=8, VW=4, HAS_MEAN=0, HAS_SCALE=0),
+    dict(D=128, NT=128, KBITS=3, VBITS=3, KW=12, VW=12, HAS_MEAN=1, HAS_SCALE=1),
+    dict(D=64, NT=128, KBITS=4, VBITS=2, KW=8, VW=4, HAS_MEAN=0, HAS_SCALE=0),
 ]
 
 

@@ -212,11 +212,42 @@ def next_segment_stats(residuals, hi, prev_mean, prev_scale, key_signs, scaling)
     """(M_s, σ_s) float16 [B, n_kv_heads, 1, head_dim] from ŷ of segment s - 1
     (`residuals`, rotated) and b_s = `hi` (see `TurboQuantCodec`); `prev_mean` is
     M_{s-1} and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling).
-    σ_s is None unless `scaling`. One copy for the single and the batch caches."""
+    σ_s is None unless `scaling`. One copy for the single and the batch caches, run
+    compiled (`_segment_stats`)."""
+    args = [x for x in (prev_mean, prev_scale) if x is not None]
+    f = _segment_stats(prev_mean is not None, prev_scale is not None, bool(scaling))
+    out = f(residuals, _inverse(hi), key_signs, *args)
+    return out[0], (out[1] if scaling else None)
+
+
+@lru_cache(maxsize=None)
+def _inverse(n: int) -> mx.array:
+    return mx.array(1.0 / n, dtype=mx.float32)
+
+
+@lru_cache(maxsize=None)
+def _segment_stats(has_mean: bool, has_scale: bool, scaling: bool):
+    """`segment_stats` compiled, per kind of call: its few dozen small ops were as many
+    graph nodes (host time) and GPU launches each time a prefill chunk opened a segment.
+    1 / b_s comes as an input, not a constant, so that every segment reuses the
+    compiled kernels (on the GPU a constant would be written into their source)."""
+
+    def stats(residuals, inv_hi, key_signs, *prev):
+        prev_mean = prev[0] if has_mean else None
+        prev_scale = prev[-1] if has_scale else None
+        mean, scale = segment_stats(residuals, inv_hi, prev_mean, prev_scale, key_signs, scaling)
+        return (mean, scale) if scaling else (mean,)
+
+    return mx.compile(stats)
+
+
+def segment_stats(residuals, inv_hi, prev_mean, prev_scale, key_signs, scaling):
+    """The math of `next_segment_stats`, uncompiled (`inv_hi` = 1 / b_s)."""
     total = mx.sum(residuals, axis=2, keepdims=True)
     if prev_scale is not None:  # Π(σ_{s-1} ∘ Πᵀ Σ ŷ): linear in ŷ
         total = rotate(inverse_rotate(total, key_signs) * prev_scale, key_signs)
-    mean = (total / hi if prev_mean is None else prev_mean + total / hi).astype(mx.float16)
+    mean = total * inv_hi if prev_mean is None else prev_mean + total * inv_hi
+    mean = mean.astype(mx.float16)
     if not scaling:
         return mean, None
     # σ_s from the reconstructed keys of segment s - 1, centered by μ_s.
@@ -436,10 +467,20 @@ class TurboQuantCodec:
 
     def _quantize(self, keys: mx.array, values: mx.array, first: Optional[int] = None):
         """Codes of S new tokens at positions first..first+S-1 (default: from the
-        offset): (packed keys, key norms, packed values, value norms), norms float16.
+        offset): (packed keys, key norms, packed values, value norms), norms float16."""
+        pieces, (pv, vn) = self._quantize_pieces(keys, values, first)
+        if len(pieces) > 1:
+            pk = mx.concatenate([p[0] for p in pieces], axis=2)
+            kn = mx.concatenate([p[1] for p in pieces], axis=2)
+        else:
+            pk, kn = pieces[0]
+        return pk, kn, pv, vn
 
-        Keys are quantized per key-mean segment piece (one piece for a decode step).
-        On a GPU the first piece's keys and all values go through one fused launch."""
+    def _quantize_pieces(self, keys: mx.array, values: mx.array, first: Optional[int] = None):
+        """`_quantize`'s codes as ([(packed keys, key norms) per key-mean segment piece],
+        (packed values, value norms)): keys are quantized a piece at a time (one piece
+        for a decode step); on a GPU the first piece's keys and all values go through
+        one fused launch."""
         B, n_kv_heads, S, d = keys.shape
         if self.head_dim is None:
             self._setup(d, values.shape[-1])
@@ -464,12 +505,7 @@ class TurboQuantCodec:
         if coded_values is None:
             pv, vn = _quantizer(self.value_bits, self.value_codebook)(values, self.value_signs)
             coded_values = (pv, vn.astype(mx.float16))
-        if len(pieces) > 1:
-            pk = mx.concatenate([p[1] for p in pieces], axis=2)
-            kn = mx.concatenate([p[2] for p in pieces], axis=2)
-        else:
-            pk, kn = pieces[0][1:]
-        return (pk, kn, *coded_values)
+        return [p[1:] for p in pieces], coded_values
 
     def _dequantized(
         self, packed_keys, key_norms, segments, packed_values, value_norms, inverse, dtype, count
@@ -669,24 +705,35 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
 
     # ---- storage ----
 
-    def _grow(self, B: int, n_kv_heads: int, S: int):
+    def _store(self, key_pieces, coded_values):
+        """Write codes of the next n positions at slots coded..coded+n-1: keys as
+        `_quantize_pieces` gives them, [(packed keys, key norms) per segment piece], and
+        (packed values, value norms). Buffers that must grow are remade in one
+        concatenation per array, [old codes | the pieces | zeros], the zeros up to a
+        multiple of `step` only for an update shorter than `step` (a decode step's
+        block; a prefill chunk's buffers grow again with the next chunk): zeros, joins
+        and slice updates each were graph nodes and GPU copies in every chunk."""
+        n = sum(p[0].shape[2] for p in key_pieces)
         prev = self.coded
-        if self.packed_keys is not None and prev + S <= self.packed_keys.shape[2]:
+        self.coded += n
+        columns = [[p[0] for p in key_pieces], [p[1] for p in key_pieces]]
+        columns += [[x] for x in coded_values]
+        if self.packed_keys is not None and self.coded <= self.packed_keys.shape[2]:
+            for buffer, parts in zip(self._buffers(), columns):
+                at = prev
+                for x in parts:
+                    buffer[:, :, at : at + x.shape[2]] = x
+                    at += x.shape[2]
             return
-        n_new = (self.step + S - 1) // self.step * self.step
-        shape = (B, n_kv_heads, n_new)
-        kw, vw = packed_words(self.head_dim, self.key_bits), packed_words(
-            self.head_dim, self.value_bits
-        )
-        new = [
-            mx.zeros((*shape, kw), dtype=mx.uint32),
-            mx.zeros(shape, dtype=mx.float16),
-            mx.zeros((*shape, vw), dtype=mx.uint32),
-            mx.zeros(shape, dtype=mx.float16),
-        ]
-        if self.packed_keys is not None:
-            old = [x[:, :, :prev] for x in self._buffers()]
-            new = [mx.concatenate([o, n], axis=2) for o, n in zip(old, new)]
+        pad = -self.coded % self.step if n < self.step else 0
+        new = []
+        for i, parts in enumerate(columns):
+            x = parts[0]
+            if self.packed_keys is not None:
+                parts = [self._buffers()[i][:, :, :prev], *parts]
+            if pad:
+                parts.append(mx.zeros((*x.shape[:2], pad, *x.shape[3:]), x.dtype))
+            new.append(mx.concatenate(parts, axis=2) if len(parts) > 1 else x)
         self.packed_keys, self.key_norms, self.packed_values, self.value_norms = new
 
     def _buffers(self):
@@ -781,7 +828,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Store the new tokens: quantized, or with a window in float16 (coding a block
         once more than 2W are uncoded); return the packed codes (`_compressed`)."""
-        B, n_kv_heads, S, _ = keys.shape
+        S = keys.shape[2]
         new_keys, new_values, n = keys, values, S
         if self.fp16_window:
             n = self._slide_window(keys, values)
@@ -792,14 +839,7 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             if self.head_dim is None:
                 self._setup(keys.shape[-1], values.shape[-1])
             return self._compressed()
-        pk, kn, pv, vn = self._quantize(new_keys, new_values, self.coded)
-        self._grow(B, n_kv_heads, n)
-        prev = self.coded
-        self.coded += n
-        self.packed_keys[:, :, prev : self.coded] = pk
-        self.key_norms[:, :, prev : self.coded] = kn
-        self.packed_values[:, :, prev : self.coded] = pv
-        self.value_norms[:, :, prev : self.coded] = vn
+        self._store(*self._quantize_pieces(new_keys, new_values, self.coded))
         return self._compressed()
 
     def _fetch(self, dtype):

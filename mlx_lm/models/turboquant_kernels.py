@@ -241,6 +241,35 @@ TQ_FN void tq_hadamard(Shared h, int d) {
   h[d] *= 1.0f / sqrt((float)D);
   TQ_SYNC();
 }
+
+// x <- H x / sqrt(D) held by one warp (a Metal SIMD group), lane l holding coordinates
+// [l DPL, (l + 1) DPL) in x[0..DPL), DPL = D / 32: tq_hadamard's butterfly, the same
+// sums in the same order, its strides below DPL within the lane and the others across
+// lanes (shuffles): no shared memory, no barrier.
+template <int D, typename X>
+TQ_FN void tq_hadamard_lanes(X x, int lane) {
+  constexpr int DPL = D / 32;
+  for (int len = 1; len < DPL; len <<= 1) {
+    for (int k = 0; k < DPL; k++) {
+      if ((k & len) == 0) {
+        const float a = x[k];
+        const float b = x[k + len];
+        x[k] = a + b;
+        x[k + len] = a - b;
+      }
+    }
+  }
+  for (int m = 1; m < 32; m <<= 1) {  // stride m DPL: the partner is lane ^ m
+    const bool low = (lane & m) == 0;
+    for (int k = 0; k < DPL; k++) {
+      const float other = TQ_SHFL_XOR(x[k], m);
+      x[k] = low ? x[k] + other : other - x[k];
+    }
+  }
+  for (int k = 0; k < DPL; k++) {
+    x[k] *= 1.0f / sqrt((float)D);
+  }
+}
 """
 
 # The decode kernel. A thread group takes one KV head of one sequence (bh), up to RC of
@@ -937,83 +966,89 @@ MERGE_BODY = """
   out[(size_t)row * D + d] = static_cast<out_t>(o / den);
 """
 
-# Quantize: one thread group of D threads per vector (norm, rotation, nearest centroid,
-# norm correction, pack); groups [0, NK) take keys, the NV after them values, so one
-# launch quantizes a decode step's keys and values. Template: D (a power of two),
-# KBITS/VBITS, KW/VW packed words, HAS_MEAN, HAS_SCALE. Keys are coded as
-# k * scale - mean (key scaling: scale = 1/σ, mean = μ/σ). Inputs: keys [NK, D], values
-# [NV, D], mean and scale [NK / PER_MEAN, D] f32, signs [D] f32 and codebooks [2^bits]
-# f32 per kind, params f32 = {NK, PER_MEAN (keys sharing one mean)}: runtime, so that
-# blocks of any length reuse one compiled kernel. Outputs: packed [N, W] u32 and norms
-# [N] f16 per kind.
+# Quantize: one warp per vector (norm, rotation, nearest centroid, norm correction,
+# pack), NT / 32 vectors per thread group; vectors [0, NK) are keys, the NV after them
+# values, so one launch quantizes a decode step's keys and values. Lane l holds
+# coordinates [l D / 32, (l + 1) D / 32): the sums are warp shuffles, the rotation
+# `tq_hadamard_lanes`, and a warp's codes meet in shared memory only to be packed (a
+# group of D threads per vector, with a barrier at every step of its reductions and
+# butterfly, took 55-80 µs for a 2048-token chunk on the H200). Template: D (a power of
+# two, >= 32), NT, KBITS/VBITS, KW/VW packed words, HAS_MEAN, HAS_SCALE. Keys are coded
+# as k * scale - mean (key scaling: scale = 1/σ, mean = μ/σ). Inputs: keys [NK, D],
+# values [NV, D], mean and scale [NK / PER_MEAN, D] f32, signs [D] f32 and codebooks
+# [2^bits] f32 per kind, params f32 = {NK, PER_MEAN (keys sharing one mean), NK + NV}:
+# runtime, so that blocks of any length reuse one compiled kernel. Outputs: packed
+# [N, W] u32 and norms [N] f16 per kind.
 QUANTIZE_BODY = """
+  constexpr int DPL = D / 32;
   const int nk = static_cast<int>(params[0]);
   const int per_mean = static_cast<int>(params[1]);
-  const bool is_key = tq_group < nk;
-  const int n = is_key ? tq_group : tq_group - nk;
-  const int d = tq_tid;
+  const int lane = tq_tid & 31;
+  const int warp = tq_tid >> 5;
+  const int vec = tq_group * (NT / 32) + warp;
+  const bool live = vec < static_cast<int>(params[2]);  // dead warps still shuffle
+  const bool is_key = vec < nk;
+  const int n = live ? (is_key ? vec : vec - nk) : 0;
   const int bits = is_key ? KBITS : VBITS;
   const int words = is_key ? KW : VW;
   TQ_PTR(float) signs = is_key ? key_signs : value_signs;
   TQ_PTR(float) codebook = is_key ? key_codebook : value_codebook;
-  TQ_SHARED float h[D];
-  TQ_SHARED float red[D];
-  TQ_SHARED uint32_t codes[D];
-  float v = is_key ? static_cast<float>(keys[(size_t)n * D + d])
-                   : static_cast<float>(values[(size_t)n * D + d]);
-  if (HAS_SCALE && is_key) {
-    v *= scale[(size_t)(n / per_mean) * D + d];
-  }
-  if (HAS_MEAN && is_key) {
-    v -= mean[(size_t)(n / per_mean) * D + d];
-  }
-  // ||x||: tree reduction.
-  red[d] = v * v;
-  TQ_SYNC();
-  for (int stride = D / 2; stride > 0; stride >>= 1) {
-    if (d < stride) {
-      red[d] += red[d + stride];
+  TQ_SHARED uint32_t codes[NT / 32 * D];
+  float x[DPL];
+  float sq = 0.0f;
+  for (int k = 0; k < DPL; k++) {
+    const int e = lane * DPL + k;
+    float v = 0.0f;
+    if (live) {
+      v = is_key ? static_cast<float>(keys[(size_t)n * D + e])
+                 : static_cast<float>(values[(size_t)n * D + e]);
     }
-    TQ_SYNC();
+    if (HAS_SCALE && is_key && live) {
+      v *= scale[(size_t)(n / per_mean) * D + e];
+    }
+    if (HAS_MEAN && is_key && live) {
+      v -= mean[(size_t)(n / per_mean) * D + e];
+    }
+    x[k] = v;
+    sq += v * v;
   }
-  const float norm = sqrt(red[0]);
-  TQ_SYNC();
-  // y = H D x / ||x|| / sqrt(D): random signs, then a Walsh-Hadamard butterfly.
-  h[d] = v / max(norm, 1e-30f) * signs[d];
-  tq_hadamard<D>(h, d);
-  const float y = h[d];
+  const float norm = sqrt(tq_warp_sum(sq));
+  // y = H D x / ||x|| / sqrt(D): random signs, then the Walsh-Hadamard butterfly.
+  for (int k = 0; k < DPL; k++) {
+    x[k] = x[k] / max(norm, 1e-30f) * signs[lane * DPL + k];
+  }
+  tq_hadamard_lanes<D>(x, lane);
   // Nearest centroid: the number of midpoints below y (ties to the lower one).
-  uint32_t code = 0;
-  for (int i = 0; i + 1 < (1 << bits); i++) {
-    code += (0.5f * (codebook[i] + codebook[i + 1]) < y) ? 1u : 0u;
-  }
-  codes[d] = code;
-  const float c = codebook[code];
-  red[d] = c * c;
-  TQ_SYNC();
-  for (int stride = D / 2; stride > 0; stride >>= 1) {
-    if (d < stride) {
-      red[d] += red[d + stride];
+  float csq = 0.0f;
+  for (int k = 0; k < DPL; k++) {
+    uint32_t code = 0;
+    for (int i = 0; i + 1 < (1 << bits); i++) {
+      code += (0.5f * (codebook[i] + codebook[i + 1]) < x[k]) ? 1u : 0u;
     }
-    TQ_SYNC();
+    codes[warp * D + lane * DPL + k] = code;
+    const float c = codebook[code];
+    csq += c * c;
   }
-  // Pack: thread w assembles word w from the codes whose bits fall in it.
-  if (d < words) {
+  const float cnorm = sqrt(tq_warp_sum(csq));
+  TQ_WARP_SYNC();  // the warp's codes are written
+  // Pack: lane w assembles word w from the codes whose bits fall in it.
+  for (int w = lane; live && w < words; w += 32) {
     uint32_t word = 0;
-    const int first = (32 * d) / bits;
-    const int last = min(D - 1, (32 * d + 31) / bits);
+    const int first = (32 * w) / bits;
+    const int last = min(D - 1, (32 * w + 31) / bits);
     for (int j = first; j <= last; j++) {
-      const int shift = j * bits - 32 * d;
-      word |= shift >= 0 ? codes[j] << shift : codes[j] >> (-shift);
+      const int shift = j * bits - 32 * w;
+      const uint32_t code = codes[warp * D + j];
+      word |= shift >= 0 ? code << shift : code >> (-shift);
     }
     if (is_key) {
-      packed_keys[(size_t)n * KW + d] = word;
+      packed_keys[(size_t)n * KW + w] = word;
     } else {
-      packed_values[(size_t)n * VW + d] = word;
+      packed_values[(size_t)n * VW + w] = word;
     }
   }
-  if (d == 0) {
-    const half_t corrected = static_cast<half_t>(norm / max(sqrt(red[0]), 1e-30f));
+  if (live && lane == 0) {
+    const half_t corrected = static_cast<half_t>(norm / max(cnorm, 1e-30f));
     if (is_key) {
       key_norms[n] = corrected;
     } else {
@@ -1022,61 +1057,76 @@ QUANTIZE_BODY = """
   }
 """
 
-# Dequantize: one thread group of D threads per slot of a row (the prefill path, which
-# then runs one SDPA over the whole context). Thread d writes coordinate d of
+# Dequantize: one warp per slot of a row, NT / 32 slots per thread group (the prefill
+# path, which then runs one SDPA over the whole context); lane l writes coordinates
+# [l D / 32, (l + 1) D / 32) of
 #   Πk̂ = Π(σ_s ∘ Πᵀ n c) + M_s  and  Πv̂ = m c'        (rotated domain), or
 #   k̂ = σ_s ∘ Πᵀ n c + μ_s      and  v̂ = Πᵀ m c'      (INVERSE: the model's domain),
-# with s the slot's key-mean segment (`TurboQuantCodec`). Template: D (a power of two),
-# KB/VB bits, KW/VW words, CENTERED, SCALED, INVERSE, SEG_ROWS (segment ids per batch
-# row: [B, CAP], else [CAP]), HKV (KV heads), out_t. Inputs: packed keys / values
-# [BH, CAP, KW|VW] u32 and norms [BH, CAP] f16 (whole buffers); segments int32;
-# seg_scale (σ_s, model domain) and seg_mean (M_s rotated, or μ_s with INVERSE) [BH,
-# NSEG, D] f32; signs and codebooks; params f32 = {T (slots dequantized per row), CAP,
-# NSEG}.
+# with s the slot's key-mean segment (`TurboQuantCodec`), rotating with
+# `tq_hadamard_lanes` (no barrier). Template: D (a power of two, >= 32), NT, KB/VB bits,
+# KW/VW words, CENTERED, SCALED, INVERSE, SEG_ROWS (segment ids per batch row: [B, CAP],
+# else [CAP]), HKV (KV heads), out_t. Inputs: packed keys / values [BH, CAP, KW|VW] u32
+# and norms [BH, CAP] f16 (whole buffers); segments int32; seg_scale (σ_s, model
+# domain) and seg_mean (M_s rotated, or μ_s with INVERSE) [BH, NSEG, D] f32; signs and
+# codebooks; params f32 = {T (slots dequantized per row), CAP, NSEG, BH T}.
 # Outputs: keys and values [BH, T, D] out_t.
 DEQUANT_BODY = """
+  constexpr int DPL = D / 32;
   const int T = static_cast<int>(params[0]);
   const int cap = static_cast<int>(params[1]);
   const int nseg = static_cast<int>(params[2]);
-  const int bh = tq_group / T;
-  const int t = tq_group - bh * T;
-  const int d = tq_tid;
+  const int lane = tq_tid & 31;
+  const int row = tq_group * (NT / 32) + (tq_tid >> 5);  // (bh, t), flat
+  const bool live = row < static_cast<int>(params[3]);  // dead warps still shuffle
+  const int bh = live ? row / T : 0;
+  const int t = live ? row - bh * T : 0;
   const size_t slot = (size_t)bh * cap + t;
-  TQ_SHARED float hk[D];
-  TQ_SHARED float hv[D];
-  float k = key_codebook[tq_code(packed_keys + slot * KW, d, KB)] *
-            static_cast<float>(key_norms[slot]);
-  float v = value_codebook[tq_code(packed_values + slot * VW, d, VB)] *
-            static_cast<float>(value_norms[slot]);
+  const float kn = static_cast<float>(key_norms[slot]);
+  const float vn = static_cast<float>(value_norms[slot]);
+  float k[DPL];
+  float v[DPL];
+  for (int i = 0; i < DPL; i++) {
+    k[i] = key_codebook[tq_code(packed_keys + slot * KW, lane * DPL + i, KB)] * kn;
+    v[i] = value_codebook[tq_code(packed_values + slot * VW, lane * DPL + i, VB)] * vn;
+  }
   size_t stat = 0;
   if (CENTERED) {
     // Slots past the coded ones may carry segments not opened yet.
     const int s = min(static_cast<int>(segments[SEG_ROWS ? (bh / HKV) * cap + t : t]), nseg - 1);
-    stat = ((size_t)bh * nseg + s) * D + d;
+    stat = ((size_t)bh * nseg + s) * D + lane * DPL;
   }
   if (SCALED || INVERSE) {  // Πᵀ n c = D H (n c) / sqrt(D)
-    hk[d] = k;
-    tq_hadamard<D>(hk, d);
-    k = hk[d] * key_signs[d];
+    tq_hadamard_lanes<D>(k, lane);
+    for (int i = 0; i < DPL; i++) {
+      k[i] *= key_signs[lane * DPL + i];
+    }
   }
   if (SCALED) {
-    k *= seg_scale[stat];
+    for (int i = 0; i < DPL; i++) {
+      k[i] *= seg_scale[stat + i];
+    }
     if (!INVERSE) {  // back to the rotated domain: Π x = H D x / sqrt(D)
-      hk[d] = k * key_signs[d];
-      tq_hadamard<D>(hk, d);
-      k = hk[d];
+      for (int i = 0; i < DPL; i++) {
+        k[i] *= key_signs[lane * DPL + i];
+      }
+      tq_hadamard_lanes<D>(k, lane);
     }
   }
   if (CENTERED) {
-    k += seg_mean[stat];
+    for (int i = 0; i < DPL; i++) {
+      k[i] += seg_mean[stat + i];
+    }
   }
   if (INVERSE) {
-    hv[d] = v;
-    tq_hadamard<D>(hv, d);
-    v = hv[d] * value_signs[d];
+    tq_hadamard_lanes<D>(v, lane);
+    for (int i = 0; i < DPL; i++) {
+      v[i] *= value_signs[lane * DPL + i];
+    }
   }
-  keys[(size_t)tq_group * D + d] = static_cast<out_t>(k);
-  values[(size_t)tq_group * D + d] = static_cast<out_t>(v);
+  for (int i = 0; live && i < DPL; i++) {
+    keys[(size_t)row * D + lane * DPL + i] = static_cast<out_t>(k[i]);
+    values[(size_t)row * D + lane * DPL + i] = static_cast<out_t>(v[i]);
+  }
 """
 
 PARTIAL_INPUTS = [
@@ -1285,6 +1335,15 @@ def quantize_supported(head_dim: int) -> bool:
     return head_dim in (32, 64, 128, 256)
 
 
+# Threads of a quantize or dequantize thread group: a warp per vector.
+CODEC_THREADS = 128
+
+
+def _codec_groups(vectors: int) -> int:
+    """Thread groups of the quantize / dequantize kernels for this many vectors."""
+    return max(1, -(-vectors // (CODEC_THREADS // 32)))
+
+
 @lru_cache(maxsize=None)
 def _zeros(n: int, dtype) -> mx.array:
     return mx.zeros((n,), dtype)
@@ -1327,10 +1386,11 @@ def fused_quantize(
             _zeros(D, f32) if value_signs is None else value_signs,
             key_codebook,
             _zeros(2, f32) if value_codebook is None else value_codebook,
-            _params((nk, S)),
+            _params((nk, S, nk + nv)),
         ],
         template=[
             ("D", D),
+            ("NT", CODEC_THREADS),
             ("KBITS", key_bits),
             ("VBITS", value_bits or 1),
             ("KW", kw),
@@ -1338,8 +1398,8 @@ def fused_quantize(
             ("HAS_MEAN", int(mean is not None)),
             ("HAS_SCALE", int(scale is not None)),
         ],
-        grid=((nk + nv) * D, 1, 1),
-        threadgroup=(D, 1, 1),
+        grid=(_codec_groups(nk + nv) * CODEC_THREADS, 1, 1),
+        threadgroup=(CODEC_THREADS, 1, 1),
         output_shapes=[(B, H, S, kw), (B, H, S), (*value_shape, vw), value_shape],
         output_dtypes=[mx.uint32, mx.float16, mx.uint32, mx.float16],
     )
@@ -1391,10 +1451,11 @@ def fused_dequantize(
             value_signs,
             key_codebook,
             value_codebook,
-            _params((T, cap, nseg)),
+            _params((T, cap, nseg, B * H * T)),
         ],
         template=[
             ("D", D),
+            ("NT", CODEC_THREADS),
             ("KB", key_bits),
             ("VB", value_bits),
             ("KW", kw),
@@ -1406,8 +1467,8 @@ def fused_dequantize(
             ("HKV", H),
             ("out_t", dtype),
         ],
-        grid=(B * H * T * D, 1, 1),
-        threadgroup=(D, 1, 1),
+        grid=(_codec_groups(B * H * T) * CODEC_THREADS, 1, 1),
+        threadgroup=(CODEC_THREADS, 1, 1),
         output_shapes=[(B, H, T, D), (B, H, T, D)],
         output_dtypes=[dtype, dtype],
     )
