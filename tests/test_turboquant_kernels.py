@@ -37,7 +37,18 @@ def reference(queries, cache, scale, mask):
 
 
 def filled_cache(
-    B, n_kv, T, D, bits, centering=True, ring=None, seed=0, chunks=1, scaling=False, window=0
+    B,
+    n_kv,
+    T,
+    D,
+    bits,
+    centering=True,
+    ring=None,
+    seed=0,
+    chunks=1,
+    scaling=False,
+    window=0,
+    decode_step=True,
 ):
     mx.random.seed(seed)
     # Keys with a per-channel offset and spread, like real ones, so means and scales matter.
@@ -56,7 +67,7 @@ def filled_cache(
     for a, b in zip(bounds[:-1], bounds[1:]):
         if b > a:
             cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
-    if window and T:
+    if window and T and decode_step:
         # A decode step: the update that coded the fill's tokens read them in float16;
         # the next one reads them through their codes.
         cache.update_and_fetch(k[:, :, -1:], v[:, :, -1:])
@@ -266,7 +277,25 @@ def _check_dequantize(c, backend=BACKEND, T=100, dtypes=(mx.float32, mx.float16)
                 turboquant_cache.fused_backend = (lambda: backend) if fused else (lambda: None)
                 out[fused] = [*cache.coded_keys_values(dtype), *cache.dequantized(dtype)]
                 mx.eval(out[fused])
-            for a, b in zip(out[True], out[False]):
+            if c.get("window") and c["kind"] == "single":
+                # What a prefill chunk reads on a GPU: codes of [0, recent_start), then
+                # the float16 window (which holds the tokens the chunk coded), from one
+                # launch; against the reference's codes joined to the window.
+                chunked = filled_cache(
+                    1, 2, T, D, bits, scaling=c["scaling"], window=c["window"], chunks=2,
+                    decode_step=False,
+                )  # fmt: skip
+                first = chunked.recent_start
+                assert 0 < first < chunked.coded < chunked.offset
+                turboquant_cache.fused_backend = lambda: None
+                coded = chunked.dequantized(dtype)
+                turboquant_cache.fused_backend = lambda: backend
+                out[True].extend(chunked.read_context(dtype))
+                window = (chunked.recent_keys, chunked.recent_values)
+                for x, recent in zip(coded, window):
+                    out[False].append(mx.concatenate([x[:, :, :first], recent.astype(dtype)], 2))
+                mx.eval(out[True])
+            for a, b in zip(out[True], out[False], strict=True):
                 assert a.dtype == b.dtype == dtype and a.shape == b.shape
                 a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
                 # float32: summation order only; float16: one rounding of either.
@@ -402,6 +431,48 @@ if pytest is not None:
         """A warp per vector: lanes holding one (D 32) to eight (D 256) coordinates,
         and packed words past the warp's 32 lanes (8 bits at D 256: 64 words)."""
         _check_quantize(D, bits, with_mean, emulated, tokens=6, with_scale=with_mean)
+
+    def test_emulated_prefill_chunk_attention(emulated, monkeypatch):
+        """A prefill chunk's attention on the GPU path (codes and float16 window from
+        one dequantize launch, attended in the model's domain) against the reference
+        (rotated domains, codes and window joined), for a chunk that codes tokens."""
+        from mlx_lm.models import turboquant_attention, turboquant_cache
+
+        mx.random.seed(3)
+        k, v = mx.random.normal((2, 1, 2, 100, 64))
+        q = mx.random.normal((1, 4, 60, 64))
+        out = []
+        for backend in (emulated, None):
+            for module in (turboquant_attention, turboquant_cache):
+                monkeypatch.setattr(module, "fused_backend", lambda: backend)
+            cache = TurboQuantKVCache(3, 3, key_scaling=True, fp16_window=16)
+            cache.update_and_fetch(k[:, :, :40], v[:, :, :40])
+            cache.update_and_fetch(k[:, :, 40:], v[:, :, 40:])
+            assert 0 < cache.recent_start < cache.coded  # codes and window both read
+            out.append(
+                turboquant_attention.turboquant_scaled_dot_product_attention(
+                    q, cache, 0.125, "causal"
+                )
+            )
+        np.testing.assert_allclose(np.array(out[0]), np.array(out[1]), atol=2e-4, rtol=1e-3)
+
+    def test_emulated_quantize_reads_rows_in_place(emulated):
+        """Rows [a, b) of keys and [c, d) of values, read where they lie (a prefill's
+        segment piece), code as those rows sliced out would."""
+        from mlx_lm.models.turboquant_codebook import lloyd_max_codebook
+        from mlx_lm.models.turboquant_rotation import rotation_signs
+
+        D = 64
+        keys = mx.random.normal((2, 3, 11, D)).astype(mx.float16)
+        values = mx.random.normal((2, 3, 9, D)).astype(mx.float16)
+        mean = mx.random.normal((2, 3, 1, D))
+        signs = rotation_signs(D, 0, 1, "k"), rotation_signs(D, 0, 1, "v")
+        books = [mx.array(lloyd_max_codebook(b, D), dtype=mx.float32) for b in (3, 2)]
+        args = (signs[0], books[0], 3, signs[1], books[1], 2, emulated)
+        whole = kernels.fused_quantize(keys[:, :, 4:9], mean, values[:, :, 2:8], *args)
+        rows = kernels.fused_quantize(keys, mean, values, *args, key_rows=(4, 9), value_rows=(2, 8))
+        for a, b in zip(whole, rows):
+            assert a.shape == b.shape and mx.array_equal(a, b)
 
     def test_emulated_fused_quantize_through_the_caches(emulated, monkeypatch):
         """The caches' GPU coding path (one fused launch, 1/σ and μ/σ kept per segment)

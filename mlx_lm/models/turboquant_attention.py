@@ -120,6 +120,9 @@ def windowed_attention(
                 queries, keys, values, scale=scale, mask=mask
             )
             return _released(out, L, 0)
+        if not rotated:  # a GPU: codes and window from one launch
+            keys, values = cache.read_context(dtype)
+            return _attention(queries, cache, keys, values, scale, mask, rotated)
         k, v = cache.coded_keys_values(dtype, rotated)
         recent_k = _domain(cache.recent_keys, cache.key_signs, rotated, dtype)
         recent_v = _domain(cache.recent_values, cache.value_signs, rotated, dtype)

@@ -20,7 +20,7 @@ arrays that the fused kernels never read; `dequantized()` gives them on request.
 """
 
 from functools import lru_cache
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -208,16 +208,35 @@ def key_mean_segments(start: int, stop: int, max_segment: int = KEY_MEAN_MAX_SEG
     return mx.array(np.minimum(s, max_segment).astype(np.int32))
 
 
-def next_segment_stats(residuals, hi, prev_mean, prev_scale, key_signs, scaling):
-    """(M_s, σ_s) float16 [B, n_kv_heads, 1, head_dim] from ŷ of segment s - 1
-    (`residuals`, rotated) and b_s = `hi` (see `TurboQuantCodec`); `prev_mean` is
-    M_{s-1} and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling).
-    σ_s is None unless `scaling`. One copy for the single and the batch caches, run
-    compiled (`_segment_stats`)."""
-    args = [x for x in (prev_mean, prev_scale) if x is not None]
-    f = _segment_stats(prev_mean is not None, prev_scale is not None, bool(scaling))
-    out = f(residuals, _inverse(hi), key_signs, *args)
-    return out[0], (out[1] if scaling else None)
+class SegmentStats(NamedTuple):
+    """What opening key-mean segment s gives (see `TurboQuantCodec`): M_s float16
+    (rotated) and μ_s = Πᵀ M_s float32, what new keys are centered by; with key scaling
+    σ_s float16 and, float32, σ_s, 1/σ_s and μ_s/σ_s (the fused quantizer's), else None."""
+
+    mean: mx.array
+    mu: mx.array
+    scale: Optional[mx.array] = None
+    sigma: Optional[mx.array] = None
+    inv_sigma: Optional[mx.array] = None
+    mu_over_sigma: Optional[mx.array] = None
+
+
+def next_segment_stats(codec, parts, hi, prev_mean, prev_scale) -> SegmentStats:
+    """`SegmentStats` of segment s from the stored codes of segment s - 1, `parts` =
+    [(packed keys, key norms)] in position order, and b_s = `hi`; `prev_mean` is M_{s-1}
+    and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling). One call of
+    a compiled function (`_segment_stats`), for the single and the batch caches."""
+    f = _segment_stats(
+        codec.key_bits,
+        codec.head_dim,
+        codec.key_codebook,
+        len(parts),
+        prev_mean is not None,
+        prev_scale is not None,
+        codec.key_scaling,
+    )
+    prev = [x for x in (prev_mean, prev_scale) if x is not None]
+    return SegmentStats(*f(codec.key_signs, _inverse(hi), *[x for p in parts for x in p], *prev))
 
 
 @lru_cache(maxsize=None)
@@ -226,23 +245,37 @@ def _inverse(n: int) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _segment_stats(has_mean: bool, has_scale: bool, scaling: bool):
-    """`segment_stats` compiled, per kind of call: its few dozen small ops were as many
-    graph nodes (host time) and GPU launches each time a prefill chunk opened a segment.
-    1 / b_s comes as an input, not a constant, so that every segment reuses the
-    compiled kernels (on the GPU a constant would be written into their source)."""
+def _segment_stats(bits, head_dim, codebook, n_parts, has_mean, has_scale, scaling):
+    """Dequantize ŷ of segment s - 1, `segment_stats`, and what the quantizer derives
+    from them, compiled: as separate ops these were a few dozen graph nodes (host time)
+    and GPU launches each time a prefill chunk opened a segment. 1 / b_s comes as an
+    input, not a constant, so that every segment reuses the compiled kernels (on the
+    GPU a constant would be written into their source)."""
 
-    def stats(residuals, inv_hi, key_signs, *prev):
+    def stats(key_signs, inv_hi, *args):
+        codes, prev = args[: 2 * n_parts], args[2 * n_parts :]
+        residuals = [
+            turboquant_dequantize_rotated(codes[i], codes[i + 1], codebook, bits, head_dim)
+            for i in range(0, 2 * n_parts, 2)
+        ]
+        residuals = mx.concatenate(residuals, axis=2) if n_parts > 1 else residuals[0]
         prev_mean = prev[0] if has_mean else None
         prev_scale = prev[-1] if has_scale else None
         mean, scale = segment_stats(residuals, inv_hi, prev_mean, prev_scale, key_signs, scaling)
-        return (mean, scale) if scaling else (mean,)
+        mu = inverse_rotate(mean.astype(mx.float32), key_signs)
+        if not scaling:
+            return mean, mu
+        sigma = scale.astype(mx.float32)
+        return mean, mu, scale, sigma, 1.0 / sigma, mu / sigma
 
     return mx.compile(stats)
 
 
 def segment_stats(residuals, inv_hi, prev_mean, prev_scale, key_signs, scaling):
-    """The math of `next_segment_stats`, uncompiled (`inv_hi` = 1 / b_s)."""
+    """(M_s, σ_s) float16 [B, n_kv_heads, 1, head_dim] from ŷ of segment s - 1
+    (`residuals`, rotated) and `inv_hi` = 1 / b_s (see `TurboQuantCodec`); `prev_mean`
+    is M_{s-1} and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling).
+    σ_s is None unless `scaling`."""
     total = mx.sum(residuals, axis=2, keepdims=True)
     if prev_scale is not None:  # Π(σ_{s-1} ∘ Πᵀ Σ ŷ): linear in ŷ
         total = rotate(inverse_rotate(total, key_signs) * prev_scale, key_signs)
@@ -383,8 +416,9 @@ class TurboQuantCodec:
     def max_segment(self) -> int:
         return KEY_MEAN_MAX_SEGMENT if self.key_centering else 0
 
-    def _stored_key_residuals(self, start: int, stop: int) -> mx.array:
-        """ŷ of the stored keys of positions start..stop-1 (subclasses: where they are)."""
+    def _stored_key_codes(self, start: int, stop: int):
+        """(packed keys, key norms) stored for positions start..stop-1 (subclasses:
+        where they are)."""
         raise NotImplementedError
 
     def _dequantize_keys(self, packed, norms) -> mx.array:
@@ -394,25 +428,31 @@ class TurboQuantCodec:
         """Append M_s (see the class docstring); `pieces` are this update's quantized
         keys so far as (start, packed, norms), the first at position `first`."""
         lo, hi = segment_start(s - 1), segment_start(s)
-        parts = [self._stored_key_residuals(lo, first)] if lo < first else []
-        parts += [self._dequantize_keys(pk, kn) for start, pk, kn in pieces if start >= lo]
-        residuals = mx.concatenate(parts, axis=2)  # ŷ of segment s - 1, rotated
+        parts = [self._stored_key_codes(lo, first)] if lo < first else []
+        parts += [(pk, kn) for start, pk, kn in pieces if start >= lo]
         prev_mean = self._key_mean(s - 1) if s > 1 else None
         prev_scale = self._key_scale(s - 1) if self.key_scales is not None and s > 1 else None
-        mean, scale = next_segment_stats(
-            residuals, hi, prev_mean, prev_scale, self.key_signs, self.key_scaling
-        )
-        self.key_means = mean if s == 1 else mx.concatenate([self.key_means, mean], axis=2)
+        stats = next_segment_stats(self, parts, hi, prev_mean, prev_scale)
+        self.key_means = stats.mean if s == 1 else mx.concatenate([self.key_means, stats.mean], 2)
         if self.key_scaling:
-            self.key_scales = scale if s == 1 else mx.concatenate([self.key_scales, scale], axis=2)
+            scales = self.key_scales
+            self.key_scales = stats.scale if s == 1 else mx.concatenate([scales, stats.scale], 2)
+        # What this segment's quantization asks for next, made with the means (the
+        # setters above dropped everything derived before).
+        self._derived_means[s] = stats.mu  # `_original_key_mean`
+        if self.key_scaling:
+            self._derived_means[("scale", s)] = stats.sigma  # `_key_scale`
+            self._derived_means[("fused", s)] = (stats.inv_sigma, stats.mu_over_sigma)  # `_code`
 
-    def _code(self, keys, values, mean, scale, backend, stats_key):
+    def _code(self, keys, values, mean, scale, backend, stats_key, rows=None, value_rows=None):
         """Codes of keys centered by μ = `mean` and scaled by σ = `scale` (each float32
         [B, n_kv_heads, 1, head_dim] or None), coded as k/σ - μ/σ, and, if given, of
         `values`: (packed keys, key norms[, packed values, value norms]), norms float16.
         On a GPU (`backend`) one fused launch, with (1/σ, μ/σ) made once and kept under
         `stats_key` until the means change; elsewhere the compiled reference quantizers.
-        Shared by the single and the batch caches."""
+        `rows` / `value_rows` = (a, b): code only rows [a, b) of axis 2 (the kernel
+        reads them in place; a slice would be copied for it). Shared by the single and
+        the batch caches."""
         if backend is not None:
             inv_scale = None
             if scale is not None:
@@ -429,8 +469,12 @@ class TurboQuantCodec:
                 self.value_bits,
                 backend,
                 scale=inv_scale,
+                key_rows=rows,
+                value_rows=value_rows,
             )
-        x = keys
+        x = keys if rows is None else keys[:, :, rows[0] : rows[1]]
+        if values is not None and value_rows is not None:
+            values = values[:, :, value_rows[0] : value_rows[1]]
         if scale is not None:  # (x - μ) / σ = x / σ - μ / σ
             x, mean = x.astype(mx.float32) / scale, mean / scale
         if mean is not None:
@@ -476,12 +520,14 @@ class TurboQuantCodec:
             pk, kn = pieces[0]
         return pk, kn, pv, vn
 
-    def _quantize_pieces(self, keys: mx.array, values: mx.array, first: Optional[int] = None):
+    def _quantize_pieces(self, keys, values, first: Optional[int] = None, count=None):
         """`_quantize`'s codes as ([(packed keys, key norms) per key-mean segment piece],
-        (packed values, value norms)): keys are quantized a piece at a time (one piece
-        for a decode step); on a GPU the first piece's keys and all values go through
-        one fused launch."""
-        B, n_kv_heads, S, d = keys.shape
+        (packed values, value norms)), of the first `count` rows (default: all) of keys
+        and values: keys are quantized a piece at a time (one piece for a decode step);
+        on a GPU the first piece's keys and all values go through one fused launch, and
+        every piece is read where it lies."""
+        d = keys.shape[-1]
+        S = keys.shape[2] if count is None else count
         if self.head_dim is None:
             self._setup(d, values.shape[-1])
         first = self.offset if first is None else first
@@ -492,29 +538,40 @@ class TurboQuantCodec:
         for s, start, end in segment_pieces(first, stop, self.max_segment):
             if s == self.segments_held:
                 self._add_key_mean(s, first, pieces)
-            x = keys if end - start == S else keys[:, :, start - first : end - first]
+            rows = (start - first, end - first)
             mean = self._original_key_mean(s) if s > 0 else None
             scale = self._key_scale(s) if s > 0 and self.key_scales is not None else None
             # On a GPU the first piece's launch codes all values too.
             with_values = values if backend is not None and coded_values is None else None
-            out = self._code(x, with_values, mean, scale, backend, ("fused", s))
+            out = self._code(keys, with_values, mean, scale, backend, ("fused", s), rows, (0, S))
             pk, kn = out[:2]
             if with_values is not None:
                 coded_values = out[2:]
             pieces.append((start, pk, kn))
         if coded_values is None:
+            values = values if count is None else values[:, :, :count]
             pv, vn = _quantizer(self.value_bits, self.value_codebook)(values, self.value_signs)
             coded_values = (pv, vn.astype(mx.float16))
         return [p[1:] for p in pieces], coded_values
 
     def _dequantized(
-        self, packed_keys, key_norms, segments, packed_values, value_norms, inverse, dtype, count
+        self,
+        packed_keys,
+        key_norms,
+        segments,
+        packed_values,
+        value_norms,
+        inverse,
+        dtype,
+        count,
+        window=None,
     ):
         """Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s and Πv̂ for the given buffers (segments: int [T], or
         [B, T] per row) in `dtype`; or, with `inverse`, k̂ and v̂ in the model's domain.
-        On a GPU one fused launch (`fused_dequantize`) for the first `count` slots;
-        elsewhere the compiled reference, in float32 and then cast, for every slot (its
-        shapes change only when the buffers grow; callers slice)."""
+        On a GPU one fused launch (`fused_dequantize`) for the first `count` slots, and
+        after them the float16 `window` (keys, values) if given; elsewhere the compiled
+        reference, in float32 and then cast, for every slot (its shapes change only
+        when the buffers grow; callers slice; no window)."""
         backend = self.kernel_backend()
         if backend is not None:
             seg_scale, seg_mean = self._dequant_stats(inverse)
@@ -536,6 +593,7 @@ class TurboQuantCodec:
                 dtype,
                 backend,
                 count,
+                window,
             )
         means, scales = self.key_means_with_zero(), self.key_scales_with_one()
         segments = segments.reshape(-1, 1, segments.shape[-1], 1)
@@ -743,10 +801,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         extra = [x for x in (self.key_means, self.key_scales) if x is not None]
         return self._buffers() + extra
 
-    def _stored_key_residuals(self, start, stop):
-        return self._dequantize_keys(
-            self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
-        )
+    def _stored_key_codes(self, start, stop):
+        return self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
 
     @property
     def recent_keys(self) -> Optional[mx.array]:
@@ -832,14 +888,14 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         new_keys, new_values, n = keys, values, S
         if self.fp16_window:
             n = self._slide_window(keys, values)
-            if n:  # (slicing costs a decode step host time W times out of W + 1)
-                new_keys, new_values = self.recent_keys[:, :, :n], self.recent_values[:, :, :n]
+            if n:  # code the window's first n tokens
+                new_keys, new_values = self.recent_keys, self.recent_values
         self.offset += S
         if n == 0:
             if self.head_dim is None:
                 self._setup(keys.shape[-1], values.shape[-1])
             return self._compressed()
-        self._store(*self._quantize_pieces(new_keys, new_values, self.coded))
+        self._store(*self._quantize_pieces(new_keys, new_values, self.coded, n))
         return self._compressed()
 
     def _fetch(self, dtype):
@@ -873,6 +929,17 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         segments = self._segment_ids()
         k, v = self._dequantized(pk, kn, segments, pv, vn, not rotated, dtype, self.coded)
         return k[:, :, : self.coded], v[:, :, : self.coded]
+
+    def read_context(self, dtype) -> tuple:
+        """On a GPU, the keys and values every query of an update reads, in the model's
+        domain: the codes of [0, recent_start) dequantized, then the float16 window of
+        [recent_start, offset), from one launch (`fused_dequantize` writes both: no
+        join of two arrays, and the tokens this update coded are read from their
+        float16 copies, not dequantized too)."""
+        pk, kn, pv, vn = self._buffers()
+        window = (self.recent_keys, self.recent_values)
+        segments = self._segment_ids()
+        return self._dequantized(pk, kn, segments, pv, vn, True, dtype, self.recent_start, window)
 
     def _segment_ids(self) -> mx.array:
         """Key-mean segment of every slot of the allocated buffer (slot = position)."""
@@ -1039,10 +1106,10 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
             return 0
         return key_mean_segment(max(self.max_size // 2, 1))  # capped at KEY_MEAN_MAX_SEGMENT
 
-    def _stored_key_residuals(self, start, stop):
+    def _stored_key_codes(self, start, stop):
         # Only called while nothing has been dropped: ring slot = position.
         packed, norms = self.keys[0], self.keys[1]
-        return self._dequantize_keys(packed[:, :, start:stop], norms[:, :, start:stop, 0])
+        return packed[:, :, start:stop], norms[:, :, start:stop, 0]
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         first = self.offset
@@ -1661,19 +1728,17 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         """M_s (and σ_s) of row b (see `TurboQuantCodec`) from the row's stored codes of
         [b_{s-1}, b_s)."""
         lo, hi, p = segment_start(s - 1), segment_start(s), self._pad[b]
-        residuals = self._dequantize_keys(
+        codes = (
             self.packed_keys[b : b + 1, :, p + lo : p + hi],
             self.key_norms[b : b + 1, :, p + lo : p + hi],
         )
         column = lambda x: x[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)  # noqa: E731
         prev_mean = column(self.key_means) if s > 1 else None
         prev_scale = column(self.key_scales) if s > 1 and self.key_scales is not None else None
-        mean, scale = next_segment_stats(
-            residuals, hi, prev_mean, prev_scale, self.key_signs, self.key_scaling
-        )
-        self.key_means = self._with_column(self.key_means, b, s, mean)
-        if scale is not None:
-            self.key_scales = self._with_column(self.key_scales, b, s, scale)
+        stats = next_segment_stats(self, [codes], hi, prev_mean, prev_scale)
+        self.key_means = self._with_column(self.key_means, b, s, stats.mean)
+        if stats.scale is not None:
+            self.key_scales = self._with_column(self.key_scales, b, s, stats.scale)
         self.segments_held_by[b] += 1
 
     def _with_column(self, columns, b: int, s: int, x: mx.array) -> mx.array:

@@ -223,22 +223,27 @@ TQ_FN int tq_segment_start(int s) {
   return s == 0 ? 0 : 32 << (2 * (s - 1));
 }
 
-// h <- H h / sqrt(D) in shared memory (Sylvester Hadamard, as mx.hadamard_transform for
-// powers of two): a Walsh-Hadamard butterfly, thread d of D owning coordinate d. Callers
-// write h[d] before; every thread may read all of h after.
+// h <- H h / sqrt(D) (Sylvester Hadamard, as mx.hadamard_transform for powers of two): a
+// Walsh-Hadamard butterfly, thread d of D owning coordinate d, its strides below 32
+// within a warp (shuffles: no barrier), the others through shared memory. Callers
+// write h[d] before (only thread d reads it first); every thread may read all of h
+// after.
 template <int D, typename Shared>
 TQ_FN void tq_hadamard(Shared h, int d) {
-  TQ_SYNC();
-  for (int len = 1; len < D; len <<= 1) {
-    if ((d & len) == 0) {
-      const float a = h[d];
-      const float b = h[d + len];
-      h[d] = a + b;
-      h[d + len] = a - b;
-    }
-    TQ_SYNC();
+  float x = h[d];
+  for (int m = 1; m < D && m < 32; m <<= 1) {
+    const float other = TQ_SHFL_XOR(x, m);
+    x = (d & m) == 0 ? x + other : other - x;
   }
-  h[d] *= 1.0f / sqrt((float)D);
+  for (int len = 32; len < D; len <<= 1) {
+    TQ_SYNC();  // the previous stage's readers are done
+    h[d] = x;
+    TQ_SYNC();
+    const float other = h[d ^ len];
+    x = (d & len) == 0 ? x + other : other - x;
+  }
+  TQ_SYNC();
+  h[d] = x * (1.0f / sqrt((float)D));
   TQ_SYNC();
 }
 
@@ -860,12 +865,16 @@ MERGE_BODY = """
   TQ_SHARED float scores[WIN ? WCHUNK : 1];
   TQ_SHARED float warp_out[WIN ? NW * D : 1];
   const int entry = bh * splits * R + row % R;
+  // Unrolled, so that several splits' loads are in flight at once (one at a time, a
+  // long context's 64 splits waited on memory 64 times in each loop).
   float top = -INFINITY;
+#pragma unroll 8
   for (int s = 0; s < splits; s++) {
     top = max(top, partial_max[entry + s * R]);
   }
   float num = 0.0f;
   float den = 0.0f;
+#pragma unroll 8
   for (int s = 0; s < splits; s++) {
     const int k = entry + s * R;
     const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - top);
@@ -976,7 +985,10 @@ MERGE_BODY = """
 # two, >= 32), NT, KBITS/VBITS, KW/VW packed words, HAS_MEAN, HAS_SCALE. Keys are coded
 # as k * scale - mean (key scaling: scale = 1/σ, mean = μ/σ). Inputs: keys [NK, D],
 # values [NV, D], mean and scale [NK / PER_MEAN, D] f32, signs [D] f32 and codebooks
-# [2^bits] f32 per kind, params f32 = {NK, PER_MEAN (keys sharing one mean), NK + NV}:
+# [2^bits] f32 per kind, params f32 = {NK, PER_MEAN (keys sharing one mean: a head's
+# rows), NK + NV, then per kind (keys, values) the input's rows per head and the first
+# row coded, then the values' rows per head}: the coded rows of a head may be part of
+# the input's (a segment piece of a prefill chunk, read where it lies, no copy); all
 # runtime, so that blocks of any length reuse one compiled kernel. Outputs: packed
 # [N, W] u32 and norms [N] f16 per kind.
 QUANTIZE_BODY = """
@@ -989,6 +1001,11 @@ QUANTIZE_BODY = """
   const bool live = vec < static_cast<int>(params[2]);  // dead warps still shuffle
   const bool is_key = vec < nk;
   const int n = live ? (is_key ? vec : vec - nk) : 0;
+  // Vector n is row t of head bh in its block, read from row first + t of the input's.
+  const int rows = is_key ? per_mean : static_cast<int>(params[7]);
+  const int bh = n / rows;
+  const size_t src = (size_t)bh * static_cast<int>(params[is_key ? 3 : 5]) +
+                     static_cast<int>(params[is_key ? 4 : 6]) + (n - bh * rows);
   const int bits = is_key ? KBITS : VBITS;
   const int words = is_key ? KW : VW;
   TQ_PTR(float) signs = is_key ? key_signs : value_signs;
@@ -1000,8 +1017,7 @@ QUANTIZE_BODY = """
     const int e = lane * DPL + k;
     float v = 0.0f;
     if (live) {
-      v = is_key ? static_cast<float>(keys[(size_t)n * D + e])
-                 : static_cast<float>(values[(size_t)n * D + e]);
+      v = is_key ? static_cast<float>(keys[src * D + e]) : static_cast<float>(values[src * D + e]);
     }
     if (HAS_SCALE && is_key && live) {
       v *= scale[(size_t)(n / per_mean) * D + e];
@@ -1068,18 +1084,30 @@ QUANTIZE_BODY = """
 # else [CAP]), HKV (KV heads), out_t. Inputs: packed keys / values [BH, CAP, KW|VW] u32
 # and norms [BH, CAP] f16 (whole buffers); segments int32; seg_scale (σ_s, model
 # domain) and seg_mean (M_s rotated, or μ_s with INVERSE) [BH, NSEG, D] f32; signs and
-# codebooks; params f32 = {T (slots dequantized per row), CAP, NSEG, BH T}.
-# Outputs: keys and values [BH, T, D] out_t.
+# codebooks; window keys / values [BH, W, D] f16; params f32 = {T (slots dequantized
+# per row), CAP, NSEG, BH (T + W), W}. Rows [T, T + W) of each head's output are the
+# window's float16 rows, copied (the model's domain: INVERSE), so that a prefill chunk
+# reads [codes | float16 window] from one launch, not a join of two arrays.
+# Outputs: keys and values [BH, T + W, D] out_t.
 DEQUANT_BODY = """
   constexpr int DPL = D / 32;
   const int T = static_cast<int>(params[0]);
   const int cap = static_cast<int>(params[1]);
   const int nseg = static_cast<int>(params[2]);
+  const int W = static_cast<int>(params[4]);
   const int lane = tq_tid & 31;
   const int row = tq_group * (NT / 32) + (tq_tid >> 5);  // (bh, t), flat
   const bool live = row < static_cast<int>(params[3]);  // dead warps still shuffle
-  const int bh = live ? row / T : 0;
-  const int t = live ? row - bh * T : 0;
+  const int bh = live ? row / (T + W) : 0;
+  const int t = live ? row - bh * (T + W) : 0;
+  if (t >= T) {  // a window row (a warp per row: the branch is the warp's)
+    const size_t at = ((size_t)bh * W + t - T) * D + lane * DPL;
+    for (int i = 0; live && i < DPL; i++) {
+      keys[(size_t)row * D + lane * DPL + i] = static_cast<out_t>(window_keys[at + i]);
+      values[(size_t)row * D + lane * DPL + i] = static_cast<out_t>(window_values[at + i]);
+    }
+    return;
+  }
   const size_t slot = (size_t)bh * cap + t;
   const float kn = static_cast<float>(key_norms[slot]);
   const float vn = static_cast<float>(value_norms[slot]);
@@ -1179,6 +1207,8 @@ DEQUANT_INPUTS = [
     "value_signs",
     "key_codebook",
     "value_codebook",
+    "window_keys",
+    "window_values",
     "params",
 ]
 DEQUANT_OUTPUTS = ["keys", "values"]
@@ -1361,19 +1391,30 @@ def fused_quantize(
     value_bits: int = 0,
     backend: str = "cuda",
     scale: Optional[mx.array] = None,
+    key_rows: Optional[tuple] = None,
+    value_rows: Optional[tuple] = None,
 ):
     """turboquant_quantize of keys [B, H, S, D] (times `scale`, minus `mean`, each
-    [B, H, 1, D], if given) and, if given, of values [B, H, S', D], in one launch.
+    [B, H, 1, D], if given) and, if given, of values [B, H, S', D], in one launch; only
+    rows [a, b) of axis 2 where `key_rows` / `value_rows` = (a, b) (read in place).
     Returns (packed keys, key norms) or (packed keys, key norms, packed values, value
-    norms); norms float16 [B, H, S]."""
-    B, H, S, D = keys.shape
+    norms); norms float16 [B, H, b - a]."""
+    B, H, key_stride, D = keys.shape
+    key_first, key_stop = key_rows or (0, key_stride)
+    S = key_stop - key_first
     kw = (D * key_bits + 31) // 32
     nk = B * H * S
-    nv = 0 if values is None else values.size // D
+    value_stride, value_first, value_len, nv = 1, 0, 1, 0
+    if values is not None:
+        value_stride = values.shape[2]
+        value_first, value_stop = value_rows or (0, value_stride)
+        value_len = value_stop - value_first
+        nv = values.shape[0] * values.shape[1] * value_len
     vw = (D * value_bits + 31) // 32 if values is not None else 1
     f32 = mx.float32
-    # Inputs and outputs keep their [B, H, S, ...] shapes: the kernel indexes them flat.
-    value_shape = (1,) if values is None else values.shape[:3]
+    # Inputs keep their [B, H, rows, D] shapes, outputs [B, H, S, ...]: the kernel
+    # indexes them flat.
+    value_shape = (1,) if values is None else (*values.shape[:2], value_len)
     outputs = _launch(
         backend,
         2,
@@ -1386,7 +1427,7 @@ def fused_quantize(
             _zeros(D, f32) if value_signs is None else value_signs,
             key_codebook,
             _zeros(2, f32) if value_codebook is None else value_codebook,
-            _params((nk, S, nk + nv)),
+            _params((nk, S, nk + nv, key_stride, key_first, value_stride, value_first, value_len)),
         ],
         template=[
             ("D", D),
@@ -1424,18 +1465,24 @@ def fused_dequantize(
     dtype,
     backend: str,
     count: Optional[int] = None,
+    window: Optional[tuple] = None,
 ):
     """Keys and values of the first `count` slots (default: all) of buffers (packed
     [B, H, CAP, words], norms [B, H, CAP]) in one launch, [B, H, count, D] in `dtype`:
     rotated (Πk̂ = Π(σ_s ∘ Πᵀŷ) + M_s, Πv̂) or, with `inverse`, in the model's domain
     (k̂ = σ_s ∘ Πᵀŷ + μ_s, v̂). `segments`: int [CAP] or [B, CAP], each slot's key-mean
     segment; `seg_mean` [B, H, NSEG, D] float32 (M_s, or μ_s with `inverse`; None without
-    centering), `seg_scale` likewise (σ_s, or None)."""
+    centering), `seg_scale` likewise (σ_s, or None). With `window` = float16 (keys,
+    values) [B, H, W, D] (`inverse` only), W more rows follow the count: theirs."""
     B, H, cap, kw = packed_keys.shape
     T = cap if count is None else count
     D = key_signs.shape[0]
     nseg = 0 if seg_mean is None else seg_mean.shape[2]
     f32 = mx.float32
+    if window is not None and not inverse:
+        raise ValueError("A float16 window is in the model's domain: it needs inverse=True.")
+    W = 0 if window is None else window[0].shape[2]
+    window_keys, window_values = window or (_zeros(D, mx.float16), _zeros(D, mx.float16))
     return _launch(
         backend,
         3,
@@ -1451,7 +1498,9 @@ def fused_dequantize(
             value_signs,
             key_codebook,
             value_codebook,
-            _params((T, cap, nseg, B * H * T)),
+            window_keys.astype(mx.float16),
+            window_values.astype(mx.float16),
+            _params((T, cap, nseg, B * H * (T + W), W)),
         ],
         template=[
             ("D", D),
@@ -1467,9 +1516,9 @@ def fused_dequantize(
             ("HKV", H),
             ("out_t", dtype),
         ],
-        grid=(_codec_groups(B * H * T) * CODEC_THREADS, 1, 1),
+        grid=(_codec_groups(B * H * (T + W)) * CODEC_THREADS, 1, 1),
         threadgroup=(CODEC_THREADS, 1, 1),
-        output_shapes=[(B, H, T, D), (B, H, T, D)],
+        output_shapes=[(B, H, T + W, D), (B, H, T + W, D)],
         output_dtypes=[dtype, dtype],
     )
 
