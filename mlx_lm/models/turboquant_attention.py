@@ -11,7 +11,8 @@ against; on a GPU, decode steps use the fused kernels instead.
 
 On a GPU the long query blocks that come here (prefill) attend in the model's domain: the
 dequantize kernel un-rotates the context in the same launch, which saves rotating the
-queries, the output and the float16 window (four more passes over the chunk).
+queries, the output and the float16 window (four more passes over the chunk), and writes
+the float16 window's rows after the codes (`read_context`: no join).
 """
 
 from typing import Any, Optional
