@@ -72,13 +72,6 @@ def _quantizer(bits: int, codebook: tuple):
 
 
 @lru_cache(maxsize=None)
-def _dequantizer(bits: int, head_dim: int, codebook: tuple):
-    return mx.compile(
-        lambda packed, norms: turboquant_dequantize_rotated(packed, norms, codebook, bits, head_dim)
-    )
-
-
-@lru_cache(maxsize=None)
 def _kv_dequantizer(
     key_bits: int,
     value_bits: int,
@@ -420,9 +413,6 @@ class TurboQuantCodec:
         """(packed keys, key norms) stored for positions start..stop-1 (subclasses:
         where they are)."""
         raise NotImplementedError
-
-    def _dequantize_keys(self, packed, norms) -> mx.array:
-        return _dequantizer(self.key_bits, self.head_dim, self.key_codebook)(packed, norms)
 
     def _add_key_mean(self, s: int, first: int, pieces):
         """Append M_s (see the class docstring); `pieces` are this update's quantized
