@@ -36,12 +36,18 @@ from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  #
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 
-def prefilled(model, config: dict, context: int, prefill_step: int = 2048):
-    """(greedy decode step y -> next y, first y) after a prompt of `context` random tokens
-    prefilled in chunks into a fresh cache of `config`."""
+def fresh_prompt(model, config: dict, context: int):
+    """(a fresh cache of `config`, a prompt of `context` random tokens, seeded by it)."""
     cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
     rng = np.random.default_rng(context)
     tokens = mx.array(rng.integers(100, model.args.vocab_size - 100, (1, context)), mx.uint32)
+    return cache, tokens
+
+
+def prefilled(model, config: dict, context: int, prefill_step: int = 2048):
+    """(greedy decode step y -> next y, first y) after a prompt of `context` random tokens
+    prefilled in chunks into a fresh cache of `config`."""
+    cache, tokens = fresh_prompt(model, config, context)
     for start in range(0, context, prefill_step):
         logits = model(tokens[:, start : start + prefill_step], cache=cache)
         mx.eval(logits, [c.state for c in cache])
@@ -57,9 +63,7 @@ def split_prefill(model, config: dict, context: int, prefill_step: int = 2048):
     in chunks of `prefill_step` into a fresh cache of `config`, each chunk's parts summed:
     its graph built (the model call), launched (`mx.async_eval` returning), then waited
     for, as generate_step evaluates each chunk before building the next."""
-    cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
-    rng = np.random.default_rng(context)
-    tokens = mx.array(rng.integers(100, model.args.vocab_size - 100, (1, context)), mx.uint32)
+    cache, tokens = fresh_prompt(model, config, context)
     mx.synchronize()
     parts = []
     for start in range(0, context, prefill_step):
