@@ -774,11 +774,12 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
                     at += x.shape[2]
             return
         pad = -self.coded % self.step if n < self.step else 0
+        old = self._buffers() if self.packed_keys is not None else [None] * 4
         new = []
-        for i, parts in enumerate(columns):
+        for buffer, parts in zip(old, columns):
             x = parts[0]
-            if self.packed_keys is not None:
-                parts = [self._buffers()[i][:, :, :prev], *parts]
+            if buffer is not None:
+                parts = [buffer[:, :, :prev], *parts]
             if pad:
                 parts.append(mx.zeros((*x.shape[:2], pad, *x.shape[3:]), x.dtype))
             new.append(mx.concatenate(parts, axis=2) if len(parts) > 1 else x)

@@ -1001,7 +1001,8 @@ QUANTIZE_BODY = """
   const bool live = vec < static_cast<int>(params[2]);  // dead warps still shuffle
   const bool is_key = vec < nk;
   const int n = live ? (is_key ? vec : vec - nk) : 0;
-  // Vector n is row t of head bh in its block, read from row first + t of the input's.
+  // Vector n is row t of head bh in its block, read from row first + t of the input's;
+  // a key's mean and scale are its head's.
   const int rows = is_key ? per_mean : static_cast<int>(params[7]);
   const int bh = n / rows;
   const size_t src = (size_t)bh * static_cast<int>(params[is_key ? 3 : 5]) +
@@ -1020,10 +1021,10 @@ QUANTIZE_BODY = """
       v = is_key ? static_cast<float>(keys[src * D + e]) : static_cast<float>(values[src * D + e]);
     }
     if (HAS_SCALE && is_key && live) {
-      v *= scale[(size_t)(n / per_mean) * D + e];
+      v *= scale[(size_t)bh * D + e];
     }
     if (HAS_MEAN && is_key && live) {
-      v -= mean[(size_t)(n / per_mean) * D + e];
+      v -= mean[(size_t)bh * D + e];
     }
     x[k] = v;
     sq += v * v;
