@@ -456,6 +456,18 @@ if pytest is not None:
             )
         np.testing.assert_allclose(np.array(out[0]), np.array(out[1]), atol=2e-4, rtol=1e-3)
 
+    def test_dequantize_refuses_a_window_outside_the_model_domain():
+        """The float16 window's rows can follow only codes in the model's domain."""
+        cache = filled_cache(1, 2, 40, 64, 3)
+        pk, kn, pv, vn = cache._buffers()
+        window = (mx.zeros((1, 2, 4, 64), mx.float16),) * 2
+        with pytest.raises(ValueError, match="model's domain: it needs inverse=True"):
+            kernels.fused_dequantize(
+                pk, kn, pv, vn, cache._segment_ids(), None, None, cache.key_signs,
+                cache.value_signs, cache.key_centroids, cache.value_centroids, 3, 3,
+                False, mx.float16, "cuda", 40, window,
+            )  # fmt: skip
+
     def test_emulated_quantize_reads_rows_in_place(emulated):
         """Rows [a, b) of keys and [c, d) of values, read where they lie (a prefill's
         segment piece), code as those rows sliced out would."""
