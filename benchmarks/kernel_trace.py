@@ -29,8 +29,11 @@ import tempfile
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
+from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  # noqa: E402
+from kv_bench import synthetic_fill  # noqa: E402
 from step_split import prefilled, split_prefill  # noqa: E402
+
+from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 
 def kernel_name(name: str) -> str:
@@ -70,9 +73,25 @@ def traced(run):
             return json.load(f)["traceEvents"]
 
 
-def traced_steps(model, config: dict, context: int, steps: int):
+def synthetic_prefilled(model, config: dict, batch: int, context: int):
+    """(greedy decode step, first y) after kv_bench's synthetic fill of `batch` x
+    `context` random keys and values (no model run: 128K or 8 x 32K prefills of a 7B
+    model cost most of a GPU session)."""
+    cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+    synthetic_fill(model, cache, batch, context, config.get("kv_bits"))
+
+    def step(y):
+        return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+
+    return step, mx.zeros((batch,), mx.uint32) + 100
+
+
+def traced_steps(model, config: dict, context: int, steps: int, batch=1, synthetic=False):
     """The Chrome-trace events of `steps` pipelined decode steps after the prompt."""
-    step, y = prefilled(model, config, context)
+    if synthetic or batch > 1:
+        step, y = synthetic_prefilled(model, config, batch, context)
+    else:
+        step, y = prefilled(model, config, context)
     for _ in range(4):  # untimed: compiles kernels for new shapes
         y = step(y)
         mx.eval(y)
@@ -102,8 +121,17 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=6, help="kernels listed per config")
     p.add_argument("--prefill", action="store_true", help="trace chunked prefills instead")
     p.add_argument("--prefill-step-size", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="decode: sequences per step")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="decode: fill the caches with random keys and values (kv_bench's synthetic "
+        "fill) instead of prefilling; always so at batch > 1",
+    )
     p.add_argument("--output", help="also write the table to this file")
     args = p.parse_args(argv)
+    if args.prefill and (args.synthetic or args.batch > 1):
+        raise SystemExit("--synthetic and --batch are for decode traces: drop --prefill.")
     if "fp16" not in args.configs:
         raise SystemExit("--configs must include fp16: the table's ratios are against it.")
     cuda = getattr(mx, "cuda", None)
@@ -118,10 +146,12 @@ def main(argv=None):
             return traced_prefill(model, config, context, args.prefill_step_size)
 
     else:
-        what, unit, per = f"{args.steps} pipelined decode steps", "step", args.steps
+        fill = " (synthetic fill)" if args.synthetic or args.batch > 1 else ""
+        what = f"{args.steps} pipelined decode steps at batch {args.batch}{fill}"
+        unit, per = "step", args.steps
 
         def events_of(config, context):
-            return traced_steps(model, config, context, args.steps)
+            return traced_steps(model, config, context, args.steps, args.batch, args.synthetic)
 
     summary = [
         f"Model `{args.model}` on {mx.default_device()}; {what} per row; device time from "

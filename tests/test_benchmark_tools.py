@@ -161,6 +161,8 @@ def test_kernel_trace_sums_device_time_per_step():
     assert rows == [("qmv<8>", 1.0, 20.0, 20.0), ("turboquant_merge", 0.5, 3.0, 6.0)]
     with pytest.raises(SystemExit, match="must include fp16"):
         trace.main(["--model", "random:smollm2-135m", "--configs", "tq3"])
+    with pytest.raises(SystemExit, match="for decode traces: drop --prefill"):
+        trace.main(["--model", "random:smollm2-135m", "--prefill", "--batch", "8"])
     if getattr(mx, "cuda", None) is None or not mx.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             trace.main(["--model", "random:smollm2-135m"])
