@@ -375,6 +375,8 @@ def test_kernel_sources_share_one_body():
     assert cuda[2].endswith(kernels.MERGE_BODY) and metal[2].endswith(kernels.MERGE_BODY)
     assert cuda[0].endswith(kernels.HEADER) and metal[0].endswith(kernels.HEADER)
     assert cuda[4].endswith(kernels.DEQUANT_BODY) and metal[4].endswith(kernels.DEQUANT_BODY)
+    for i, body in ((5, kernels.SEGMENT_SUMS_BODY), (6, kernels.SEGMENT_STATS_BODY)):
+        assert cuda[i].endswith(body) and metal[i].endswith(body)
 
 
 if pytest is not None:
@@ -467,6 +469,59 @@ if pytest is not None:
                 cache.value_signs, cache.key_centroids, cache.value_centroids, 3, 3,
                 False, mx.float16, "cuda", 40, window,
             )  # fmt: skip
+
+    @pytest.mark.parametrize(
+        "D, scaling, updates",
+        [
+            (32, True, ((0, 40), (40, 128), (128, 131))),
+            (128, False, ((0, 20), (20, 40), (40, 128), (128, 129), (129, 131))),
+            (256, True, ((0, 20), (20, 40), (40, 128), (128, 129), (129, 131))),
+        ],
+    )
+    def test_emulated_segment_stats_match_reference(D, scaling, updates, emulated, monkeypatch):
+        """Opening a key-mean segment on the GPU path (the segment sums and stats
+        kernels) gives the reference's means and scales, and so its codes: from an
+        update's own piece, from stored rows and a piece (a segment that began before
+        the update), and from stored rows alone (a one-token update)."""
+        from mlx_lm.models import turboquant_attention, turboquant_cache
+
+        mx.random.seed(5)
+        k = mx.random.normal((1, 2, 131, D)) * 0.5 + mx.random.normal((1, 2, 1, D)) * 2
+        v = mx.random.normal((1, 2, 131, D))
+        caches = []
+        for backend in (emulated, None):
+            for module in (turboquant_attention, turboquant_cache):
+                monkeypatch.setattr(module, "fused_backend", lambda: backend)
+            cache = TurboQuantKVCache(3, 3, key_scaling=scaling, fp16_window=0)
+            for a, b in updates:
+                cache.update_and_fetch(k[:, :, a:b], v[:, :, a:b])
+            caches.append(cache)
+        gpu, ref = caches
+        assert gpu.segments_held == ref.segments_held == 3
+        stats = [(gpu.key_means, ref.key_means)]
+        stats += [(gpu.key_scales, ref.key_scales)] if scaling else []
+        for ours, theirs in stats:
+            ours, theirs = np.array(ours, np.float32), np.array(theirs, np.float32)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
+        codes = np.array(gpu.packed_keys[:, :, :131]) != np.array(ref.packed_keys[:, :, :131])
+        assert codes.mean() < 0.01
+
+    def test_emulated_batch_segment_opening_matches_reference(emulated, monkeypatch):
+        """A left-padded batch opens each row's segment in a decode step from that row's
+        stored codes (its heads and padded slots, read in place) as the reference does."""
+        from mlx_lm.models import turboquant_attention, turboquant_cache
+
+        batches = []
+        for backend in (emulated, None):
+            for module in (turboquant_attention, turboquant_cache):
+                monkeypatch.setattr(module, "fused_backend", lambda: backend)
+            mx.random.seed(7)
+            batches.append(batch_cache([30, 20], 2, 64, 3, scaling=True, window=0, steps=13))
+        gpu, ref = batches
+        assert gpu.segments_held_by == ref.segments_held_by == [2, 2]  # row 1 padded
+        for ours, theirs in ((gpu.key_means, ref.key_means), (gpu.key_scales, ref.key_scales)):
+            ours, theirs = np.array(ours, np.float32), np.array(theirs, np.float32)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
 
     def test_emulated_quantize_reads_rows_in_place(emulated):
         """Rows [a, b) of keys and [c, d) of values, read where they lie (a prefill's
@@ -669,6 +724,7 @@ template <typename T, typename U>
 T as_type(U) { return T(); }
 inline unsigned clz(unsigned x) { return x; }
 namespace metal { namespace fast { inline float exp(float x) { return std::exp(x); } } }
+namespace metal { namespace precise { inline float pow(float x, float y) { return std::pow(x, y); } } }
 using std::max;
 using std::min;
 using std::sqrt;  // the float overload, as on the device
@@ -738,6 +794,17 @@ INPUT_TYPES = dict(
     values="HALF",
     mean="float",
     scale="float",
+    piece_keys="uint32_t",
+    piece_norms="HALF",
+    sums="float",
+    key_means="HALF",
+    key_scales="HALF",
+    new_mean="HALF",
+    new_mu="float",
+    new_scale="HALF",
+    new_sigma="float",
+    new_inv_sigma="float",
+    new_mu_over_sigma="float",
 )
 
 PARTIAL_TEMPLATES = [
@@ -812,12 +879,17 @@ QUANTIZE_TEMPLATES = [
     dict(D=128, NT=128, KBITS=3, VBITS=3, KW=12, VW=12, HAS_MEAN=1, HAS_SCALE=1),
     dict(D=64, NT=128, KBITS=4, VBITS=2, KW=8, VW=4, HAS_MEAN=0, HAS_SCALE=0),
 ]
+SEGMENT_SUMS_TEMPLATES = [dict(D=128, NT=128, KB=3, KW=12), dict(D=32, NT=128, KB=2, KW=2)]
+SEGMENT_STATS_TEMPLATES = [
+    dict(D=128, HAS_MEAN=1, HAS_SCALE=1, SCALING=1),
+    dict(D=32, HAS_MEAN=0, HAS_SCALE=0, SCALING=0),
+]
 
 
 def translation_unit(backend: str, segment_type: str) -> str:
     """A C++ file holding the kernels as MLX would declare them (inputs as pointers,
     template constants, the backend's thread-id parameters), instantiated."""
-    header, partial, merge, quantize, dequantize = kernels.kernel_sources(backend)
+    header, partial, merge, quantize, dequantize, sums, stats = kernels.kernel_sources(backend)
     shim = METAL_SHIM if backend == "metal" else CUDA_SHIM
     half = "half" if backend == "metal" else "__half"
     qual = "const device " if backend == "metal" else "const "
@@ -871,6 +943,20 @@ def translation_unit(backend: str, segment_type: str) -> str:
         kernels.DEQUANT_OUTPUTS,
         DEQUANT_TEMPLATES,
         "typename out_t",
+    )
+    unit += kernel(
+        "segment_sums_kernel",
+        sums,
+        kernels.SEGMENT_SUMS_INPUTS,
+        ["sums"],
+        SEGMENT_SUMS_TEMPLATES,
+    )
+    unit += kernel(
+        "segment_stats_kernel",
+        stats,
+        kernels.SEGMENT_STATS_INPUTS,
+        kernels.SEGMENT_STATS_OUTPUTS,
+        SEGMENT_STATS_TEMPLATES,
     )
     return unit
 

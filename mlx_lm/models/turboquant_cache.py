@@ -34,6 +34,7 @@ from .turboquant_kernels import (
     fused_backend,
     fused_dequantize,
     fused_quantize,
+    fused_segment_stats,
     quantize_supported,
 )
 from .turboquant_packing import packed_words
@@ -218,7 +219,10 @@ def next_segment_stats(codec, parts, hi, prev_mean, prev_scale) -> SegmentStats:
     """`SegmentStats` of segment s from the stored codes of segment s - 1, `parts` =
     [(packed keys, key norms)] in position order, and b_s = `hi`; `prev_mean` is M_{s-1}
     and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling). One call of
-    a compiled function (`_segment_stats`), for the single and the batch caches."""
+    a compiled function (`_segment_stats`), for the single and the batch caches where
+    no kernel runs; on a GPU `TurboQuantCodec._fused_segment_stats` computes the same
+    in two launches (this compiled call's reductions and rotations were about 30
+    kernels each time a prefill chunk opened a segment)."""
     f = _segment_stats(
         codec.key_bits,
         codec.head_dim,
@@ -418,11 +422,17 @@ class TurboQuantCodec:
         """Append M_s (see the class docstring); `pieces` are this update's quantized
         keys so far as (start, packed, norms), the first at position `first`."""
         lo, hi = segment_start(s - 1), segment_start(s)
-        parts = [self._stored_key_codes(lo, first)] if lo < first else []
-        parts += [(pk, kn) for start, pk, kn in pieces if start >= lo]
-        prev_mean = self._key_mean(s - 1) if s > 1 else None
-        prev_scale = self._key_scale(s - 1) if self.key_scales is not None and s > 1 else None
-        stats = next_segment_stats(self, parts, hi, prev_mean, prev_scale)
+        if self.kernel_backend() is not None:
+            sources = [self._stored_key_rows(lo, first)] if lo < first else []
+            sources += [(pk, kn, 0, 0, pk.shape[2]) for start, pk, kn in pieces if start >= lo]
+            prev = (self.key_means, self.key_scales, 0, s - 2) if s > 1 else None
+            stats = self._fused_segment_stats(sources, sources[0][0].shape[:2], prev, hi)
+        else:
+            parts = [self._stored_key_codes(lo, first)] if lo < first else []
+            parts += [(pk, kn) for start, pk, kn in pieces if start >= lo]
+            prev_mean = self._key_mean(s - 1) if s > 1 else None
+            prev_scale = self._key_scale(s - 1) if self.key_scales is not None and s > 1 else None
+            stats = next_segment_stats(self, parts, hi, prev_mean, prev_scale)
         self.key_means = stats.mean if s == 1 else mx.concatenate([self.key_means, stats.mean], 2)
         if self.key_scaling:
             scales = self.key_scales
@@ -433,6 +443,28 @@ class TurboQuantCodec:
         if self.key_scaling:
             self._derived_means[("scale", s)] = stats.sigma  # `_key_scale`
             self._derived_means[("fused", s)] = (stats.inv_sigma, stats.mu_over_sigma)  # `_code`
+
+    def _stored_key_rows(self, start: int, stop: int):
+        """The stored codes of positions start..stop-1 as a `fused_segment_stats` source
+        (subclasses that store them in place give their buffers and first row)."""
+        pk, kn = self._stored_key_codes(start, stop)
+        return pk, kn, 0, 0, stop - start
+
+    def _fused_segment_stats(self, sources, shape, prev, hi: int) -> SegmentStats:
+        """`next_segment_stats` on a GPU: two launches of `fused_segment_stats`."""
+        stats = fused_segment_stats(
+            sources,
+            tuple(shape),
+            prev,
+            self.key_signs,
+            self.key_centroids,
+            self.key_bits,
+            hi,
+            self.key_scaling,
+            (KEY_SCALE_EXPONENT, KEY_SCALE_FLOOR),
+            self.kernel_backend(),
+        )
+        return SegmentStats(*(stats if self.key_scaling else stats[:2]))
 
     def _code(self, keys, values, mean, scale, backend, stats_key, rows=None, value_rows=None):
         """Codes of keys centered by μ = `mean` and scaled by σ = `scale` (each float32
@@ -794,6 +826,9 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
 
     def _stored_key_codes(self, start, stop):
         return self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
+
+    def _stored_key_rows(self, start, stop):
+        return self.packed_keys, self.key_norms, 0, start, stop - start
 
     @property
     def recent_keys(self) -> Optional[mx.array]:
@@ -1719,14 +1754,20 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         """M_s (and σ_s) of row b (see `TurboQuantCodec`) from the row's stored codes of
         [b_{s-1}, b_s)."""
         lo, hi, p = segment_start(s - 1), segment_start(s), self._pad[b]
-        codes = (
-            self.packed_keys[b : b + 1, :, p + lo : p + hi],
-            self.key_norms[b : b + 1, :, p + lo : p + hi],
-        )
-        column = lambda x: x[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)  # noqa: E731
-        prev_mean = column(self.key_means) if s > 1 else None
-        prev_scale = column(self.key_scales) if s > 1 and self.key_scales is not None else None
-        stats = next_segment_stats(self, [codes], hi, prev_mean, prev_scale)
+        H = self.packed_keys.shape[1]
+        if self.kernel_backend() is not None:
+            source = (self.packed_keys, self.key_norms, b * H, p + lo, hi - lo)
+            prev = (self.key_means, self.key_scales, b * H, s - 2) if s > 1 else None
+            stats = self._fused_segment_stats([source], (1, H), prev, hi)
+        else:
+            codes = (
+                self.packed_keys[b : b + 1, :, p + lo : p + hi],
+                self.key_norms[b : b + 1, :, p + lo : p + hi],
+            )
+            column = lambda x: x[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)  # noqa: E731
+            prev_mean = column(self.key_means) if s > 1 else None
+            prev_scale = column(self.key_scales) if s > 1 and self.key_scales is not None else None
+            stats = next_segment_stats(self, [codes], hi, prev_mean, prev_scale)
         self.key_means = self._with_column(self.key_means, b, s, stats.mean)
         if stats.scale is not None:
             self.key_scales = self._with_column(self.key_scales, b, s, stats.scale)

@@ -89,6 +89,7 @@ CUDA_PRELUDE = """
 #define TQ_FN __device__ inline
 #define TQ_EXP(x) __expf(x)
 #define TQ_SHFL(x, l) __shfl_sync(0xffffffffu, x, l)
+#define TQ_POW(x, y) powf(x, y)
 typedef __half half_t;
 typedef unsigned long long tq_u64;
 struct alignas(16) tq_frag {  // four fragment registers: one 16-byte shared load
@@ -125,6 +126,7 @@ METAL_PRELUDE = """
 #define TQ_FN inline
 #define TQ_EXP(x) metal::fast::exp(x)
 #define TQ_SHFL(x, l) simd_shuffle(x, (ushort)(l))
+#define TQ_POW(x, y) metal::precise::pow(x, y)
 typedef half half_t;
 typedef ulong tq_u64;
 struct tq_frag {
@@ -1158,6 +1160,135 @@ DEQUANT_BODY = """
   }
 """
 
+# Opening key-mean segment s (`TurboQuantCodec`, `segment_stats`) from the stored codes
+# of segment s - 1, in two launches where the MLX ops were a few dozen kernels per
+# opening (the quantizer's statistics dominated a short prefill's launches).
+# Sums: thread groups (head h, part g of G) of NT / 32 warps; a warp per token t (of up
+# to two sources: `packed_keys` / `key_norms` rows a_first.. of heads a_head0 + h, then
+# `piece_keys` / `piece_norms` likewise), lane l holding coordinates [l D / 32, (l + 1)
+# D / 32) of x_t = Πᵀ ŷ_t = Πᵀ n c (`tq_hadamard_lanes`, then the signs); each group
+# writes Σ x_t and Σ x_t² over its tokens. Template: D, NT, KB, KW. params f32 = {G, n_a,
+# n_b, a_head0, a_cap, a_first, b_head0, b_cap, b_first}. Output: sums [H, G, 2, D] f32.
+SEGMENT_SUMS_BODY = """
+  constexpr int DPL = D / 32;
+  constexpr int NW = NT / 32;
+  const int G = static_cast<int>(params[0]);
+  const int na = static_cast<int>(params[1]);
+  const int n = na + static_cast<int>(params[2]);
+  const int lane = tq_tid & 31;
+  const int warp = tq_tid >> 5;
+  const int h = tq_group / G;
+  const int g = tq_group - h * G;
+  TQ_SHARED float red[NW * 2 * D];
+  float sx[DPL];
+  float sxx[DPL];
+  for (int k = 0; k < DPL; k++) {
+    sx[k] = 0.0f;
+    sxx[k] = 0.0f;
+  }
+  for (int t = g * NW + warp; t < n; t += G * NW) {  // warp-uniform
+    const bool in_a = t < na;
+    const int o = in_a ? 3 : 6;
+    const size_t slot = (size_t)(static_cast<int>(params[o]) + h) * static_cast<int>(params[o + 1]) +
+                        static_cast<int>(params[o + 2]) + (in_a ? t : t - na);
+    TQ_PTR(uint32_t) words = (in_a ? packed_keys : piece_keys) + slot * KW;
+    const float norm = static_cast<float>(in_a ? key_norms[slot] : piece_norms[slot]);
+    float x[DPL];
+    for (int k = 0; k < DPL; k++) {
+      x[k] = key_codebook[tq_code(words, lane * DPL + k, KB)] * norm;
+    }
+    tq_hadamard_lanes<D>(x, lane);
+    for (int k = 0; k < DPL; k++) {
+      x[k] *= key_signs[lane * DPL + k];
+      sx[k] += x[k];
+      sxx[k] += x[k] * x[k];
+    }
+  }
+  for (int k = 0; k < DPL; k++) {
+    red[(warp * 2) * D + lane * DPL + k] = sx[k];
+    red[(warp * 2 + 1) * D + lane * DPL + k] = sxx[k];
+  }
+  TQ_SYNC();
+  for (int i = tq_tid; i < 2 * D; i += NT) {
+    float acc = 0.0f;
+    for (int w = 0; w < NW; w++) {
+      acc += red[w * 2 * D + i];
+    }
+    sums[(size_t)tq_group * 2 * D + i] = acc;
+  }
+"""
+
+# Stats: a thread group of D threads per head h, thread d owning coordinate d. With
+# S = Σ x_t, Q = Σ x_t² over the n tokens of segment s - 1 (the sums' G parts), σ' =
+# σ_{s-1} (1 for s = 1 or without scaling) and M' = M_{s-1} (0 for s = 1):
+#   M_s = fp16(M' + Π(σ' ∘ S) / b_s),   μ_s = Πᵀ M_s,
+# and with key scaling, the reconstructed keys σ' x_t + μ_{s-1} - μ_s having per-channel
+# mean square var = σ'² Q / n + 2 σ' a S / n + a², a = μ_{s-1} - μ_s:
+#   σ_s = fp16(max(v / sqrt(mean_d v²), floor)),  v = (pair-averaged var)^(exponent / 2),
+# then σ_s, 1 / σ_s and μ_s / σ_s in float32 for the quantizer. Template: D, HAS_MEAN,
+# HAS_SCALE (M_{s-1}, σ_{s-1} read from `key_means` / `key_scales` [heads, COLS, D] f16,
+# column `col` of head head0 + h), SCALING. params f32 = {G, n, 1 / b_s, exponent / 2,
+# floor, head0, COLS, col}. Outputs [H, D]: M_s and σ_s f16; μ_s, σ_s, 1/σ_s, μ_s/σ_s f32.
+SEGMENT_STATS_BODY = """
+  const int d = tq_tid;
+  const int h = tq_group;
+  const int G = static_cast<int>(params[0]);
+  const float n = params[1];
+  const size_t prev = ((size_t)(static_cast<int>(params[5]) + h) * static_cast<int>(params[6]) +
+                       static_cast<int>(params[7])) * D + d;
+  TQ_SHARED float buf[D];
+  TQ_SHARED float red[D / 32];
+  float S = 0.0f;
+  float Q = 0.0f;
+  for (int g = 0; g < G; g++) {
+    S += sums[(((size_t)h * G + g) * 2) * D + d];
+    Q += sums[(((size_t)h * G + g) * 2 + 1) * D + d];
+  }
+  const float sp = HAS_SCALE ? static_cast<float>(key_scales[prev]) : 1.0f;
+  const float mp = HAS_MEAN ? static_cast<float>(key_means[prev]) : 0.0f;
+  buf[d] = sp * S * key_signs[d];  // Π(σ' ∘ S) = H (signs ∘ σ' ∘ S) / sqrt(D)
+  tq_hadamard<D>(buf, d);
+  const float m = buf[d] * params[2];
+  const half_t mean_s = static_cast<half_t>(HAS_MEAN ? mp + m : m);
+  const size_t out = (size_t)h * D + d;
+  new_mean[out] = mean_s;
+  buf[d] = static_cast<float>(mean_s);  // μ_s = Πᵀ M_s = signs ∘ H M_s / sqrt(D)
+  tq_hadamard<D>(buf, d);
+  const float mu = buf[d] * key_signs[d];
+  new_mu[out] = mu;
+  if (SCALING) {
+    float mu_prev = 0.0f;
+    if (HAS_MEAN) {
+      buf[d] = mp;
+      tq_hadamard<D>(buf, d);
+      mu_prev = buf[d] * key_signs[d];
+    }
+    const float a = mu_prev - mu;
+    const float var = sp * sp * Q / n + 2.0f * sp * a * S / n + a * a;
+    TQ_SYNC();  // every thread has read its buf[d]
+    buf[d] = var;
+    TQ_SYNC();
+    const int p = d % (D / 2);  // RoPE pairs (d, d + D / 2) share a scale
+    float v = TQ_POW((buf[p] + buf[p + D / 2]) / 2.0f, params[3]);
+    const float sq = tq_warp_sum(v * v);
+    if ((d & 31) == 0) {
+      red[d >> 5] = sq;
+    }
+    TQ_SYNC();
+    float total = 0.0f;
+    for (int w = 0; w < D / 32; w++) {
+      total += red[w];
+    }
+    v = v / sqrt(total / D + 1e-30f);
+    const half_t scale_s = static_cast<half_t>(max(v, params[4]));
+    const float sigma = static_cast<float>(scale_s);
+    new_scale[out] = scale_s;
+    new_sigma[out] = sigma;
+    new_inv_sigma[out] = 1.0f / sigma;
+    new_mu_over_sigma[out] = mu / sigma;
+  }
+"""
+
 PARTIAL_INPUTS = [
     "q",
     "key_signs",
@@ -1213,13 +1344,39 @@ DEQUANT_INPUTS = [
     "params",
 ]
 DEQUANT_OUTPUTS = ["keys", "values"]
+SEGMENT_SUMS_INPUTS = [
+    "packed_keys",
+    "key_norms",
+    "piece_keys",
+    "piece_norms",
+    "key_signs",
+    "key_codebook",
+    "params",
+]
+SEGMENT_STATS_INPUTS = ["sums", "key_means", "key_scales", "key_signs", "params"]
+SEGMENT_STATS_OUTPUTS = [
+    "new_mean",
+    "new_mu",
+    "new_scale",
+    "new_sigma",
+    "new_inv_sigma",
+    "new_mu_over_sigma",
+]
 
 
 def kernel_sources(backend: str):
-    """(header, partial, merge, quantize and dequantize bodies) for "cuda" or "metal":
-    the shared logic with that backend's prelude and thread ids."""
+    """(header, partial, merge, quantize, dequantize, segment sums and segment stats
+    bodies) for "cuda" or "metal": the shared logic with that backend's prelude and
+    thread ids."""
     prelude, ids = {"cuda": (CUDA_PRELUDE, CUDA_IDS), "metal": (METAL_PRELUDE, METAL_IDS)}[backend]
-    bodies = (PARTIAL_BODY, MERGE_BODY, QUANTIZE_BODY, DEQUANT_BODY)
+    bodies = (
+        PARTIAL_BODY,
+        MERGE_BODY,
+        QUANTIZE_BODY,
+        DEQUANT_BODY,
+        SEGMENT_SUMS_BODY,
+        SEGMENT_STATS_BODY,
+    )
     return (prelude + HEADER, *(ids + body for body in bodies))
 
 
@@ -1265,6 +1422,8 @@ KERNELS = (
     ("turboquant_decode_merge", MERGE_INPUTS, ["out"]),
     ("turboquant_quantize", QUANTIZE_INPUTS, QUANTIZE_OUTPUTS),
     ("turboquant_dequantize", DEQUANT_INPUTS, DEQUANT_OUTPUTS),
+    ("turboquant_segment_sums", SEGMENT_SUMS_INPUTS, ["sums"]),
+    ("turboquant_segment_stats", SEGMENT_STATS_INPUTS, SEGMENT_STATS_OUTPUTS),
 )
 # How each flavour spells the dtypes a kernel may be specialised to.
 TYPE_NAMES = {
@@ -1521,6 +1680,80 @@ def fused_dequantize(
         threadgroup=(CODEC_THREADS, 1, 1),
         output_shapes=[(B, H, T + W, D), (B, H, T + W, D)],
         output_dtypes=[dtype, dtype],
+    )
+
+
+# Tokens of segment s - 1 per thread group of the segment-sums kernel.
+STATS_TOKENS_PER_GROUP = 64
+
+
+def fused_segment_stats(
+    sources, shape, prev, key_signs, key_codebook, key_bits, hi, scaling, scale_rule, backend
+):
+    """The statistics that open key-mean segment s (`turboquant_cache.segment_stats`
+    and what the quantizer derives from them): (M_s f16, μ_s, σ_s f16, σ_s, 1/σ_s,
+    μ_s/σ_s f32), each [B, H, 1, D], (B, H) = `shape`, in two launches (segment sums,
+    then stats). The σ outputs are left unwritten without key `scaling`.
+
+    `sources`: the codes of segment s - 1, positions [b_{s-1}, b_s) in order, as up to
+    two (packed keys [.., cap, KW], key norms [.., cap], first head, first row, rows),
+    head h of the result reading head first + h (flat over the buffer's batch x heads),
+    read in place. `prev`: None for s = 1, else (key means [.., cols, D] f16, key scales
+    or None, first head, column of segment s - 1). `hi` = b_s; `scale_rule` = (exponent,
+    floor) of `KEY_SCALE_EXPONENT` / `KEY_SCALE_FLOOR`."""
+    B, H = shape
+    heads, D = B * H, key_signs.shape[0]
+    f16, f32 = mx.float16, mx.float32
+    if not 1 <= len(sources) <= 2:
+        raise ValueError(f"fused_segment_stats reads one or two sources, got {len(sources)}")
+    kw = sources[0][0].shape[-1]
+    (pa, na_, a_head, a_first, n_a), *rest = sources
+    empty = (_zeros(kw, mx.uint32), _zeros(1, f16), 0, 0, 0)
+    pb, nb_, b_head, b_first, n_b = rest[0] if rest else empty
+    b_cap = pb.shape[-2] if rest else 0
+    n = n_a + n_b
+    G = max(1, -(-n // STATS_TOKENS_PER_GROUP))
+    (sums,) = _launch(
+        backend,
+        4,
+        inputs=[
+            pa,
+            na_,
+            pb,
+            nb_,
+            key_signs,
+            key_codebook,
+            _params((G, n_a, n_b, a_head, pa.shape[-2], a_first, b_head, b_cap, b_first)),
+        ],
+        template=[("D", D), ("NT", CODEC_THREADS), ("KB", key_bits), ("KW", kw)],
+        grid=(heads * G * CODEC_THREADS, 1, 1),
+        threadgroup=(CODEC_THREADS, 1, 1),
+        output_shapes=[(heads, G, 2, D)],
+        output_dtypes=[f32],
+    )
+    means, scales, head, col = prev or (None, None, 0, 0)
+    cols = 0 if means is None else means.shape[-2]
+    exponent, floor = scale_rule
+    return _launch(
+        backend,
+        5,
+        inputs=[
+            sums,
+            _zeros(1, f16) if means is None else means,
+            _zeros(1, f16) if scales is None else scales,
+            key_signs,
+            _params((G, n, 1.0 / hi, exponent / 2, floor, head, cols, col)),
+        ],
+        template=[
+            ("D", D),
+            ("HAS_MEAN", int(means is not None)),
+            ("HAS_SCALE", int(scales is not None)),
+            ("SCALING", int(scaling)),
+        ],
+        grid=(heads * D, 1, 1),
+        threadgroup=(D, 1, 1),
+        output_shapes=[(B, H, 1, D)] * 6,
+        output_dtypes=[f16, f32, f16, f32, f32, f32],
     )
 
 
