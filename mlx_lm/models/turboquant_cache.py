@@ -219,10 +219,10 @@ def next_segment_stats(codec, parts, hi, prev_mean, prev_scale) -> SegmentStats:
     """`SegmentStats` of segment s from the stored codes of segment s - 1, `parts` =
     [(packed keys, key norms)] in position order, and b_s = `hi`; `prev_mean` is M_{s-1}
     and `prev_scale` σ_{s-1}, float32 (None for s = 1, or without scaling). One call of
-    a compiled function (`_segment_stats`), for the single and the batch caches where
-    no kernel runs; on a GPU `TurboQuantCodec._fused_segment_stats` computes the same
-    in two launches (this compiled call's reductions and rotations were about 30
-    kernels each time a prefill chunk opened a segment)."""
+    a compiled function (`_segment_stats`), where no kernel runs; on a GPU
+    `TurboQuantCodec._open_stats` runs `fused_segment_stats` instead, two launches
+    (this compiled call's reductions and rotations were about 30 kernels each time a
+    prefill chunk opened a segment)."""
     f = _segment_stats(
         codec.key_bits,
         codec.head_dim,
@@ -234,6 +234,15 @@ def next_segment_stats(codec, parts, hi, prev_mean, prev_scale) -> SegmentStats:
     )
     prev = [x for x in (prev_mean, prev_scale) if x is not None]
     return SegmentStats(*f(codec.key_signs, _inverse(hi), *[x for p in parts for x in p], *prev))
+
+
+def _head_rows(x: mx.array, head: int, shape) -> mx.array:
+    """Heads head..head + B H - 1 of x [B', H, ...], counted flat over B' x H, as
+    [B, H, ...] for (B, H) = `shape` (a batch row, or every head from 0)."""
+    B, H = shape
+    if head == 0 and x.shape[0] == B:
+        return x
+    return x.reshape(-1, *x.shape[2:])[head : head + B * H].reshape(B, H, *x.shape[2:])
 
 
 @lru_cache(maxsize=None)
@@ -413,26 +422,20 @@ class TurboQuantCodec:
     def max_segment(self) -> int:
         return KEY_MEAN_MAX_SEGMENT if self.key_centering else 0
 
-    def _stored_key_codes(self, start: int, stop: int):
-        """(packed keys, key norms) stored for positions start..stop-1 (subclasses:
-        where they are)."""
+    def _stored_key_rows(self, start: int, stop: int):
+        """The stored codes of positions start..stop-1 as a `fused_segment_stats` source,
+        (packed keys, key norms, first head, first row, rows) (subclasses: where they
+        are)."""
         raise NotImplementedError
 
     def _add_key_mean(self, s: int, first: int, pieces):
         """Append M_s (see the class docstring); `pieces` are this update's quantized
         keys so far as (start, packed, norms), the first at position `first`."""
         lo, hi = segment_start(s - 1), segment_start(s)
-        if self.kernel_backend() is not None:
-            sources = [self._stored_key_rows(lo, first)] if lo < first else []
-            sources += [(pk, kn, 0, 0, pk.shape[2]) for start, pk, kn in pieces if start >= lo]
-            prev = (self.key_means, self.key_scales, 0, s - 2) if s > 1 else None
-            stats = self._fused_segment_stats(sources, sources[0][0].shape[:2], prev, hi)
-        else:
-            parts = [self._stored_key_codes(lo, first)] if lo < first else []
-            parts += [(pk, kn) for start, pk, kn in pieces if start >= lo]
-            prev_mean = self._key_mean(s - 1) if s > 1 else None
-            prev_scale = self._key_scale(s - 1) if self.key_scales is not None and s > 1 else None
-            stats = next_segment_stats(self, parts, hi, prev_mean, prev_scale)
+        sources = [self._stored_key_rows(lo, first)] if lo < first else []
+        sources += [(pk, kn, 0, 0, pk.shape[2]) for start, pk, kn in pieces if start >= lo]
+        prev = (self.key_means, self.key_scales, 0, s - 2) if s > 1 else None
+        stats = self._open_stats(sources, sources[0][0].shape[:2], prev, hi)
         self.key_means = stats.mean if s == 1 else mx.concatenate([self.key_means, stats.mean], 2)
         if self.key_scaling:
             scales = self.key_scales
@@ -444,27 +447,38 @@ class TurboQuantCodec:
             self._derived_means[("scale", s)] = stats.sigma  # `_key_scale`
             self._derived_means[("fused", s)] = (stats.inv_sigma, stats.mu_over_sigma)  # `_code`
 
-    def _stored_key_rows(self, start: int, stop: int):
-        """The stored codes of positions start..stop-1 as a `fused_segment_stats` source
-        (subclasses that store them in place give their buffers and first row)."""
-        pk, kn = self._stored_key_codes(start, stop)
-        return pk, kn, 0, 0, stop - start
-
-    def _fused_segment_stats(self, sources, shape, prev, hi: int) -> SegmentStats:
-        """`next_segment_stats` on a GPU: two launches of `fused_segment_stats`."""
-        stats = fused_segment_stats(
-            sources,
-            tuple(shape),
-            prev,
-            self.key_signs,
-            self.key_centroids,
-            self.key_bits,
-            hi,
-            self.key_scaling,
-            (KEY_SCALE_EXPONENT, KEY_SCALE_FLOOR),
-            self.kernel_backend(),
-        )
-        return SegmentStats(*(stats if self.key_scaling else stats[:2]))
+    def _open_stats(self, sources, shape, prev, hi: int) -> SegmentStats:
+        """`SegmentStats` of segment s (b_s = `hi`) for heads of `shape` (B, H), from the
+        codes of segment s - 1 as `fused_segment_stats` reads them (`sources`, `prev`:
+        buffers with a first head, row and column): on a GPU its two launches, elsewhere
+        `next_segment_stats` on those rows sliced out. Shared by the single and the
+        batch caches."""
+        backend = self.kernel_backend()
+        if backend is not None:
+            stats = fused_segment_stats(
+                sources,
+                tuple(shape),
+                prev,
+                self.key_signs,
+                self.key_centroids,
+                self.key_bits,
+                hi,
+                self.key_scaling,
+                (KEY_SCALE_EXPONENT, KEY_SCALE_FLOOR),
+                backend,
+            )
+            return SegmentStats(*(stats if self.key_scaling else stats[:2]))
+        parts = [
+            tuple(_head_rows(x, head, shape)[:, :, first : first + n] for x in (pk, kn))
+            for pk, kn, head, first, n in sources
+        ]
+        prev_mean = prev_scale = None
+        if prev is not None:
+            means, scales, head, col = prev
+            column = lambda x: _head_rows(x, head, shape)[:, :, col : col + 1]  # noqa: E731
+            prev_mean = column(means).astype(mx.float32)
+            prev_scale = None if scales is None else column(scales).astype(mx.float32)
+        return next_segment_stats(self, parts, hi, prev_mean, prev_scale)
 
     def _code(self, keys, values, mean, scale, backend, stats_key, rows=None, value_rows=None):
         """Codes of keys centered by μ = `mean` and scaled by σ = `scale` (each float32
@@ -824,11 +838,8 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
         extra = [x for x in (self.key_means, self.key_scales) if x is not None]
         return self._buffers() + extra
 
-    def _stored_key_codes(self, start, stop):
-        return self.packed_keys[:, :, start:stop], self.key_norms[:, :, start:stop]
-
     def _stored_key_rows(self, start, stop):
-        return self.packed_keys, self.key_norms, 0, start, stop - start
+        return self.packed_keys, self.key_norms, 0, start, stop - start  # slot = position
 
     @property
     def recent_keys(self) -> Optional[mx.array]:
@@ -1132,10 +1143,10 @@ class RotatingTurboQuantKVCache(TurboQuantCodec, RotatingKVCache):
             return 0
         return key_mean_segment(max(self.max_size // 2, 1))  # capped at KEY_MEAN_MAX_SEGMENT
 
-    def _stored_key_codes(self, start, stop):
+    def _stored_key_rows(self, start, stop):
         # Only called while nothing has been dropped: ring slot = position.
         packed, norms = self.keys[0], self.keys[1]
-        return packed[:, :, start:stop], norms[:, :, start:stop, 0]
+        return packed[:, :, start:stop], norms[:, :, start:stop, 0], 0, 0, stop - start
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         first = self.offset
@@ -1755,19 +1766,9 @@ class BatchTurboQuantKVCache(TurboQuantCodec, _LeftPaddedBatch, _BaseCache):
         [b_{s-1}, b_s)."""
         lo, hi, p = segment_start(s - 1), segment_start(s), self._pad[b]
         H = self.packed_keys.shape[1]
-        if self.kernel_backend() is not None:
-            source = (self.packed_keys, self.key_norms, b * H, p + lo, hi - lo)
-            prev = (self.key_means, self.key_scales, b * H, s - 2) if s > 1 else None
-            stats = self._fused_segment_stats([source], (1, H), prev, hi)
-        else:
-            codes = (
-                self.packed_keys[b : b + 1, :, p + lo : p + hi],
-                self.key_norms[b : b + 1, :, p + lo : p + hi],
-            )
-            column = lambda x: x[b : b + 1, :, s - 2 : s - 1].astype(mx.float32)  # noqa: E731
-            prev_mean = column(self.key_means) if s > 1 else None
-            prev_scale = column(self.key_scales) if s > 1 and self.key_scales is not None else None
-            stats = next_segment_stats(self, [codes], hi, prev_mean, prev_scale)
+        source = (self.packed_keys, self.key_norms, b * H, p + lo, hi - lo)
+        prev = (self.key_means, self.key_scales, b * H, s - 2) if s > 1 else None
+        stats = self._open_stats([source], (1, H), prev, hi)
         self.key_means = self._with_column(self.key_means, b, s, stats.mean)
         if stats.scale is not None:
             self.key_scales = self._with_column(self.key_scales, b, s, stats.scale)
