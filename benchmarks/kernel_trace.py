@@ -29,11 +29,9 @@ import tempfile
 import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  # noqa: E402
+from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
 from kv_bench import synthetic_fill  # noqa: E402
-from step_split import prefilled, split_prefill  # noqa: E402
-
-from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
+from step_split import fresh_cache, prefilled, split_prefill  # noqa: E402
 
 
 def kernel_name(name: str) -> str:
@@ -77,18 +75,19 @@ def synthetic_prefilled(model, config: dict, batch: int, context: int):
     """(greedy decode step, first y) after kv_bench's synthetic fill of `batch` x
     `context` random keys and values (no model run: 128K or 8 x 32K prefills of a 7B
     model cost most of a GPU session)."""
-    cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+    cache = fresh_cache(model, config)
     synthetic_fill(model, cache, batch, context, config.get("kv_bits"))
 
     def step(y):
         return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
 
-    return step, mx.zeros((batch,), mx.uint32) + 100
+    return step, mx.full((batch,), 100, mx.uint32)
 
 
 def traced_steps(model, config: dict, context: int, steps: int, batch=1, synthetic=False):
-    """The Chrome-trace events of `steps` pipelined decode steps after the prompt."""
-    if synthetic or batch > 1:
+    """The Chrome-trace events of `steps` pipelined decode steps after the prompt (or a
+    synthetic fill of `batch` sequences)."""
+    if synthetic:
         step, y = synthetic_prefilled(model, config, batch, context)
     else:
         step, y = prefilled(model, config, context)
@@ -146,12 +145,13 @@ def main(argv=None):
             return traced_prefill(model, config, context, args.prefill_step_size)
 
     else:
-        fill = " (synthetic fill)" if args.synthetic or args.batch > 1 else ""
+        synthetic = args.synthetic or args.batch > 1  # no batched prefill here
+        fill = " (synthetic fill)" if synthetic else ""
         what = f"{args.steps} pipelined decode steps at batch {args.batch}{fill}"
         unit, per = "step", args.steps
 
         def events_of(config, context):
-            return traced_steps(model, config, context, args.steps, args.batch, args.synthetic)
+            return traced_steps(model, config, context, args.steps, args.batch, synthetic)
 
     summary = [
         f"Model `{args.model}` on {mx.default_device()}; {what} per row; device time from "

@@ -36,9 +36,14 @@ from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  #
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
 
+def fresh_cache(model, config: dict):
+    """A fresh prompt cache of `config` (generate_bench's CONFIGS entries)."""
+    return make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+
+
 def fresh_prompt(model, config: dict, context: int):
     """(a fresh cache of `config`, a prompt of `context` random tokens, seeded by it)."""
-    cache = make_prompt_cache(model, **{k: v for k, v in config.items() if k in CACHE_KEYS})
+    cache = fresh_cache(model, config)
     rng = np.random.default_rng(context)
     tokens = mx.array(rng.integers(100, model.args.vocab_size - 100, (1, context)), mx.uint32)
     return cache, tokens
