@@ -522,6 +522,16 @@ if pytest is not None:
             ours, theirs = np.array(ours, np.float32), np.array(theirs, np.float32)
             np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3)
 
+    def test_segment_stats_refuse_more_than_two_sources():
+        """The sums kernel reads the stored rows and one update piece at most."""
+        cache = filled_cache(1, 2, 40, 64, 3)
+        source = (cache.packed_keys, cache.key_norms, 0, 0, 8)
+        with pytest.raises(ValueError, match="reads one or two sources, got 3"):
+            kernels.fused_segment_stats(
+                [source] * 3, (1, 2), None, cache.key_signs, cache.key_centroids, 3, 32,
+                True, (0.5, 0.05), "cuda",
+            )  # fmt: skip
+
     def test_emulated_quantize_reads_rows_in_place(emulated):
         """Rows [a, b) of keys and [c, d) of values, read where they lie (a prefill's
         segment piece), code as those rows sliced out would."""
