@@ -388,6 +388,28 @@ if pytest is not None:
         _check_case(c)
 
     @needs_gpu
+    def test_compiled_decode_graph_matches_plain(monkeypatch):
+        """On a GPU a decode call's graph comes from a compiled function, traced again
+        when an input's shape changes (the number of splits, a grown buffer): decode
+        steps of a single cache from 1000 tokens (new splits every 128 tokens, a block
+        coded every 64 steps) and of a left-padded batch give the plain calls' outputs
+        bitwise."""
+        mx.random.seed(0)
+        single = TurboQuantKVCache(3, 3, key_scaling=True, fp16_window=64)
+        single.update_and_fetch(*mx.random.normal((2, 1, 4, 1000, 128)).astype(mx.float16))
+        batch = batch_cache([700, 300], 4, 128, 3, True, 64)
+        for cache, steps in ((single, 300), (batch, 130)):
+            B = cache.packed_keys.shape[0]
+            for _ in range(steps):
+                cache.update_and_fetch(*mx.random.normal((2, B, 4, 1, 128)).astype(mx.float16))
+                q = mx.random.normal((B, 28, 1, 128)).astype(mx.float16)
+                out = []
+                for compiled in (True, False):
+                    monkeypatch.setattr(kernels, "COMPILE_DECODE", compiled)
+                    out.append(kernels.fused_decode_attention(q, cache, 128**-0.5, None, BACKEND))
+                assert mx.array_equal(out[0], out[1])
+
+    @needs_gpu
     @pytest.mark.parametrize("c", QUANTIZE_CASES)
     def test_fused_quantize_matches_reference(c):
         _check_quantize(*c)

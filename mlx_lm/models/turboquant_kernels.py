@@ -48,6 +48,7 @@ words (thread ids, shared memory, barriers, warp shuffles, pointers) to CUDA
 Tests run the CUDA source on the CPU too (`tests/kernel_emulator.py`).
 """
 
+import functools
 import hashlib
 import os
 from functools import lru_cache
@@ -1823,12 +1824,21 @@ def _stages(rows: int, head_dim: int, key_bits: int, value_bits: int) -> bool:
 
 
 def supports(queries: mx.array, cache, mask, backend: Optional[str] = None) -> bool:
-    """Whether the fused decode kernel handles this call (else: the reference path)."""
+    """Whether the fused decode kernel handles this call (else: the reference path).
+    Asked in every layer of every step: decided once per kind of call and kept with the
+    cache's derived values (only whether anything is coded yet changes)."""
+    if (cache.keys if cache.is_ring() else cache.packed_keys) is None:
+        return False  # nothing coded yet: all in the float16 window
+    backend = fused_backend() if backend is None else backend
+    mask_kind = mask if mask is None or isinstance(mask, str) else type(mask)
+    key = ("supports", backend, queries.shape, mask_kind)
+    return cache._derived(key, lambda: _supports(queries, cache, mask, backend))
+
+
+def _supports(queries: mx.array, cache, mask, backend: Optional[str]) -> bool:
     B, n_q_heads, L, D = queries.shape
     if L > MAX_QUERY_TOKENS or cache.head_dim != D or D % 32:
         return False
-    if (cache.keys if cache.is_ring() else cache.packed_keys) is None:
-        return False  # nothing coded yet: all in the float16 window
     if cache.key_scales is not None and not _rotates_inside(D):
         return False  # σ_s applies before the rotation: only the kernel can rotate
     if getattr(cache, "is_batch", False):
@@ -1841,7 +1851,6 @@ def supports(queries: mx.array, cache, mask, backend: Optional[str] = None) -> b
         ok_mask = mask is None or (isinstance(mask, str) and mask == "causal")
     if not ok_mask:
         return False
-    backend = fused_backend() if backend is None else backend
     mma = backend is not None and tensor_cores(backend, D, cache.key_bits, cache.value_bits)
     return _fits(n_q_heads // cache.n_kv_heads * L, D, cache.key_bits, cache.value_bits, mma)
 
@@ -1971,6 +1980,10 @@ class DecodeCall(NamedTuple):
     after_codes: tuple  # key and value codebooks
     value_signs: mx.array
     no_segments: mx.array  # stands in for the segment ids where a call has none
+    no_window: mx.array  # stands in for the float16 window where a cache has none
+    window: bool
+    params_head: int  # the params' values before the splits' bounds: 10 + 2 B
+    attend: object  # the kernels' calls (`_attend`), compiled on a GPU
 
 
 def _decode_call(queries: mx.array, cache, view, causal: int, backend: str) -> DecodeCall:
@@ -1988,7 +2001,7 @@ def _decode_call(queries: mx.array, cache, view, causal: int, backend: str) -> D
         backend, out_dtype, *plan, cache.max_segment, flags, mma
     )
     f32 = mx.float32
-    return DecodeCall(
+    call = DecodeCall(
         partial,
         merge,
         chunks,
@@ -2005,7 +2018,15 @@ def _decode_call(queries: mx.array, cache, view, causal: int, backend: str) -> D
         (cache.key_centroids, cache.value_centroids),
         cache.value_signs,
         _zeros(1, mx.uint8),
+        _zeros(1, mx.float16),
+        bool(win),
+        10 + len(view.rows),
+        None,
     )
+    attend = functools.partial(_attend, call)
+    if COMPILE_DECODE and backend in ("cuda", "metal"):  # (not the tests' emulator)
+        attend = mx.compile(attend)
+    return call._replace(attend=attend)
 
 
 def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
@@ -2016,54 +2037,65 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
 
     At batch 1 on a GPU the host's work of building a decode step bounds it, so what
     stays fixed between steps (`DecodeCall`) is made once and kept with the cache's
-    other values derived from its key means (made anew when the means change)."""
-    B, n_q_heads, L, D = queries.shape
+    other values derived from its key means (made anew when the means change), and the
+    kernels' graph is built by a compiled function (`_attend`)."""
     view = cache.kernel_view()
-    window_keys, window_values = view.window_keys, view.window_values
-    causal = int(mask is not None and L > 1)
+    causal = int(mask is not None and queries.shape[2] > 1)
+    no_window = view.window_keys is None
     # (The module constants that shape a call are part of the key: benchmarks vary them.)
-    key = ("decode", backend, queries.shape, queries.dtype, causal, window_keys is None)
-    key += (TENSOR_CORES, THREADS)
+    key = ("decode", backend, queries.shape, queries.dtype, causal, no_window)
+    key += (TENSOR_CORES, THREADS, COMPILE_DECODE)
     call = cache._derived(key, lambda: _decode_call(queries, cache, view, causal, backend))
-    q = queries if call.rot else rotate(queries, cache.key_signs)
-    if window_keys is not None and not call.rot:  # scored in the rotated domain too
-        window_keys = rotate(window_keys, cache.key_signs)
-        window_values = rotate(window_values, cache.value_signs)
-    rows, groups = call.rows, call.groups
-    target = TARGET_GROUPS // (groups * call.chunks)
+    target = TARGET_GROUPS // (call.groups * call.chunks)
     segment_cuts = call.nseg > 1 and view.segments is None
     head = (view.coded, scale, view.slots, view.first, view.packed_keys.shape[2], call.nseg)
-    window_slots = 0 if window_keys is None else window_keys.shape[2]
+    window_slots = 0 if no_window else view.window_keys.shape[2]
     max_segment = cache.max_segment if segment_cuts else 0
-    params, splits = _decode_params(head, window_slots, view.rows, target, max_segment)
+    params, _ = _decode_params(head, window_slots, view.rows, target, max_segment)
+    return call.attend(
+        *call.before_codes,
+        *call.after_codes,
+        call.value_signs,
+        queries,
+        view.packed_keys,
+        view.key_norms,
+        view.packed_values,
+        view.value_norms,
+        call.no_segments if view.segments is None else view.segments,
+        call.no_window if no_window else view.window_keys,
+        call.no_window if no_window else view.window_values,
+        params,
+    )
+
+
+# Build a decode call's graph with a compiled function (mx.compile, one per DecodeCall;
+# it traces again when an input's shape changes: the number of splits, a buffer grown).
+# Replaying the trace takes the host less time than the Python and the two kernel calls.
+COMPILE_DECODE = True
+
+
+def _attend(call: DecodeCall, *arrays):
+    """The partial and merge kernels' calls of `fused_decode_attention` (the number of
+    splits is the params' length less the head and the rows). Every array is an input
+    (a compiled function may not read arrays that are not yet evaluated otherwise)."""
+    *before_codes, key_cb, value_cb, value_signs, queries, pk, kn, pv, vn = arrays[:11]
+    segments, window_keys, window_values, params = arrays[11:]
+    D = queries.shape[-1]
+    rows, groups = call.rows, call.groups
+    splits = params.shape[0] - call.params_head
+    q = queries if call.rot else rotate(queries, before_codes[0])
+    if call.window and not call.rot:  # scored in the rotated domain too
+        window_keys = rotate(window_keys, before_codes[0])
+        window_values = rotate(window_values, value_signs)
     out, m, s = call.partial(
-        inputs=[
-            q,
-            *call.before_codes,
-            view.packed_keys,
-            view.key_norms,
-            view.packed_values,
-            view.value_norms,
-            call.no_segments if view.segments is None else view.segments,
-            *call.after_codes,
-            params,
-        ],
+        inputs=[q, *before_codes, pk, kn, pv, vn, segments, key_cb, value_cb, params],
         grid=(groups * call.chunks * splits * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(groups, splits, rows, D), (groups, splits, rows), (groups, splits, rows)],
         output_dtypes=[mx.float32] * 3,
     )
     (o,) = call.merge(
-        inputs=[
-            out,
-            m,
-            s,
-            call.value_signs,
-            q,
-            _zeros(1, mx.float16) if window_keys is None else window_keys,
-            _zeros(1, mx.float16) if window_values is None else window_values,
-            params,
-        ],
+        inputs=[out, m, s, value_signs, q, window_keys, window_values, params],
         grid=(groups * rows * D, 1, 1),
         threadgroup=(D, 1, 1),
         output_shapes=[queries.shape],
@@ -2071,4 +2103,4 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     )
     if call.rot:
         return o
-    return inverse_rotate(o, cache.value_signs).astype(queries.dtype)
+    return inverse_rotate(o, value_signs).astype(queries.dtype)
