@@ -30,8 +30,7 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
-from kv_bench import synthetic_fill  # noqa: E402
-from step_split import fresh_cache, prefilled, split_prefill  # noqa: E402
+from step_split import prefilled, split_prefill, synthetic_prefilled  # noqa: E402
 
 
 def kernel_name(name: str) -> str:
@@ -69,19 +68,6 @@ def traced(run):
         prof.export_chrome_trace(path)
         with open(path) as f:
             return json.load(f)["traceEvents"]
-
-
-def synthetic_prefilled(model, config: dict, batch: int, context: int):
-    """(greedy decode step, first y) after kv_bench's synthetic fill of `batch` x
-    `context` random keys and values (no model run: 128K or 8 x 32K prefills of a 7B
-    model cost most of a GPU session)."""
-    cache = fresh_cache(model, config)
-    synthetic_fill(model, cache, batch, context, config.get("kv_bits"))
-
-    def step(y):
-        return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
-
-    return step, mx.full((batch,), 100, mx.uint32)
 
 
 def traced_steps(model, config: dict, context: int, steps: int, batch=1, synthetic=False):

@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CACHE_KEYS, CONFIGS, load_bench_model, print_table  # noqa: E402
+from kv_bench import synthetic_fill  # noqa: E402
 
 from mlx_lm.models.cache import make_prompt_cache  # noqa: E402
 
@@ -61,6 +62,19 @@ def prefilled(model, config: dict, context: int, prefill_step: int = 2048):
         return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
 
     return step, mx.argmax(logits[:, -1], axis=-1)
+
+
+def synthetic_prefilled(model, config: dict, batch: int, context: int):
+    """(greedy decode step, first y) after kv_bench's synthetic fill of `batch` x
+    `context` random keys and values (no model run: 128K or 8 x 32K prefills of a 7B
+    model cost most of a GPU session)."""
+    cache = fresh_cache(model, config)
+    synthetic_fill(model, cache, batch, context, config.get("kv_bits"))
+
+    def step(y):
+        return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
+
+    return step, mx.full((batch,), 100, mx.uint32)
 
 
 def split_prefill(model, config: dict, context: int, prefill_step: int = 2048):

@@ -166,3 +166,42 @@ def test_kernel_trace_sums_device_time_per_step():
     if getattr(mx, "cuda", None) is None or not mx.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             trace.main(["--model", "random:smollm2-135m"])
+
+
+def test_paired_decode_rotates_blocks_and_pairs_them(tmp_path):
+    """paired_decode runs every config's block once a round, the first config of each
+    round rotating, and pairs each block with FP16's of the same round; its table gives
+    FP16 1.000x and refuses what it cannot compare or prefill."""
+    paired = load("paired_decode")
+    ran = []
+
+    def stepper(name):
+        def step(y):
+            ran.append(name)
+            return y + 1
+
+        return [step, mx.zeros((2,), mx.uint32)]
+
+    steppers = {n: stepper(n) for n in ("fp16", "tq3", "tq4")}
+    rates = paired.block_rates(steppers, blocks=4, block_steps=2)
+    firsts = [ran[6 * b] for b in range(4)]  # 3 configs x 2 steps a round
+    assert firsts == ["fp16", "tq3", "tq4", "fp16"] and len(ran) == 24
+    assert all(len(r) == 4 for r in rates.values()) and steppers["tq3"][1].tolist() == [8, 8]
+    # Paired by round: a config twice as fast as FP16 in every round is 2x, however the
+    # rounds' speeds move; the quartiles are those of the rounds' ratios (2, 1, 0.5, 1
+    # here: the medians of the speeds alone would say 0.9x).
+    ratios = paired.paired_ratios({"fp16": [1, 10, 3, 7], "tq3": [2, 20, 6, 14]})
+    assert ratios["tq3"] == (2.0, 2.0, 2.0) and ratios["fp16"] == (1.0, 1.0, 1.0)
+    ratios = paired.paired_ratios({"fp16": [1, 10, 3, 7], "tq3": [2, 10, 1.5, 7]})
+    assert ratios["tq3"] == pytest.approx((0.625, 1.0, 1.75))
+
+    with pytest.raises(SystemExit, match="must include fp16"):
+        paired.main(["--model", "random:smollm2-135m", "--configs", "tq3"])
+    with pytest.raises(SystemExit, match="drop --batch or --prefill"):
+        paired.main(["--model", "random:smollm2-135m", "--prefill", "--batch", "2"])
+    out = tmp_path / "paired.md"
+    args = ["--model", "random:smollm2-135m", "--dequantize", "--contexts", "40", "--batch", "2"]
+    paired.main(args + ["--blocks", "2", "--block-steps", "1", "--output", str(out)])
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 40 ")]
+    assert [r[1] for r in rows] == ["fp16", "tq3"] and rows[0][3] == "1.000x"
+    assert float(rows[1][2]) > 0 and float(rows[1][3].rstrip("x")) > 0
