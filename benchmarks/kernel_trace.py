@@ -18,7 +18,6 @@ FP16 on the device from the one on the host.
         --prefill --top 10
 """
 
-import argparse
 import collections
 import json
 import os
@@ -30,7 +29,13 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
-from step_split import prefilled, split_prefill, synthetic_prefilled  # noqa: E402
+from step_split import (  # noqa: E402
+    config_parser,
+    parse_against_fp16,
+    prefilled,
+    split_prefill,
+    synthetic_prefilled,
+)
 
 
 def kernel_name(name: str) -> str:
@@ -98,10 +103,7 @@ def traced_prefill(model, config: dict, context: int, prefill_step: int):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a model path, or random:<shape>")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
-    p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
+    p = config_parser(__doc__.splitlines()[0], dequantize=False)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--top", type=int, default=6, help="kernels listed per config")
     p.add_argument("--prefill", action="store_true", help="trace chunked prefills instead")
@@ -113,12 +115,9 @@ def main(argv=None):
         help="decode: fill the caches with random keys and values (kv_bench's synthetic "
         "fill) instead of prefilling; always so at batch > 1",
     )
-    p.add_argument("--output", help="also write the table to this file")
-    args = p.parse_args(argv)
+    args = parse_against_fp16(p, argv)
     if args.prefill and (args.synthetic or args.batch > 1):
         raise SystemExit("--synthetic and --batch are for decode traces: drop --prefill.")
-    if "fp16" not in args.configs:
-        raise SystemExit("--configs must include fp16: the table's ratios are against it.")
     cuda = getattr(mx, "cuda", None)
     if cuda is None or not cuda.is_available():
         raise SystemExit("kernel_trace needs MLX's CUDA backend on a CUDA GPU (and torch).")

@@ -13,7 +13,6 @@ over rounds of its block's tok/s over FP16's block of that round, blocks seconds
     python benchmarks/paired_decode.py --model random:qwen2.5-7b --contexts 32768 --batch 8
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,7 +22,12 @@ import mlx.core as mx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
-from step_split import prefilled, synthetic_prefilled  # noqa: E402
+from step_split import (  # noqa: E402
+    config_parser,
+    parse_against_fp16,
+    prefilled,
+    synthetic_prefilled,
+)
 
 
 def block_rates(steppers: dict, blocks: int, block_steps: int) -> dict:
@@ -59,19 +63,12 @@ def paired_ratios(rates: dict, base: str = "fp16") -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a model path, or random:<shape>")
-    p.add_argument("--dequantize", action="store_true", help="float32 weights (CPU)")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
-    p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
+    p = config_parser(__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--blocks", type=int, default=24, help="rounds of one block per config")
     p.add_argument("--block-steps", type=int, default=12, help="decode steps per block")
     p.add_argument("--prefill", action="store_true", help="prefill random prompts (batch 1)")
-    p.add_argument("--output", help="also write the table to this file")
-    args = p.parse_args(argv)
-    if "fp16" not in args.configs:
-        raise SystemExit("--configs must include fp16: the table's ratios are against it.")
+    args = parse_against_fp16(p, argv)
     if args.prefill and args.batch > 1:
         raise SystemExit("--prefill prompts one sequence: drop --batch or --prefill.")
 

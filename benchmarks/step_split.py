@@ -123,20 +123,35 @@ def split_step(model, config: dict, context: int, steps: int):
     return (pipelined, *(statistics.median(p[i] for p in parts) * 1e3 for i in range(3)))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def config_parser(description: str, dequantize: bool = True) -> argparse.ArgumentParser:
+    """The arguments of the tools that compare cache configs step by step (this one,
+    kernel_trace, paired_decode): the model, the contexts, the configs and --output."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", required=True, help="a model path, or random:<shape>")
-    p.add_argument("--dequantize", action="store_true", help="float32 weights (CPU)")
+    if dequantize:
+        p.add_argument("--dequantize", action="store_true", help="float32 weights (CPU)")
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
     p.add_argument("--configs", nargs="+", default=["fp16", "tq3"], choices=sorted(CONFIGS))
+    p.add_argument("--output", help="also write the table to this file")
+    return p
+
+
+def parse_against_fp16(p: argparse.ArgumentParser, argv):
+    """`p`'s arguments, refused unless FP16 is among the configs: the tables' ratios
+    are against it."""
+    args = p.parse_args(argv)
+    if "fp16" not in args.configs:
+        raise SystemExit("--configs must include fp16: the table's ratios are against it.")
+    return args
+
+
+def main(argv=None):
+    p = config_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prefill", action="store_true", help="split chunked prefills instead")
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--output", help="also write the table to this file")
-    args = p.parse_args(argv)
-    if "fp16" not in args.configs:
-        raise SystemExit("--configs must include fp16: the table's ratios are against it.")
+    args = parse_against_fp16(p, argv)
 
     model = load_bench_model(args.model, args.dequantize)
     if args.prefill:

@@ -1927,10 +1927,11 @@ _DECODE_PARAMS = {}
 
 
 def _decode_params(head: tuple, window_slots: int, rows: tuple, target: int, max_segment: int):
-    """(params array, splits) of a decode-kernel call: `head` = (coded, scale, slots,
-    first, cap, NSEG), then the window's slots, the rows and the splits' bounds
-    (`split_bounds`; see PARTIAL_BODY for the layout). Made once per step and shared by
-    every layer; its key is short, since every layer of a step hashes it."""
+    """The params array of a decode-kernel call: `head` = (coded, scale, slots, first,
+    cap, NSEG), then the window's slots, the rows and the splits' bounds (`split_bounds`;
+    see PARTIAL_BODY for the layout), so that its length is 10 + len(rows) + splits.
+    Made once per step and shared by every layer; its key is short, since every layer
+    of a step hashes it."""
     key = (*head, window_slots, *rows, target, max_segment)
     made = _DECODE_PARAMS.get(key)
     if made is None:
@@ -1940,7 +1941,7 @@ def _decode_params(head: tuple, window_slots: int, rows: tuple, target: int, max
         bounds = split_bounds(coded, target, rows[0], max_segment)
         splits = len(bounds) - 1
         values = (coded, 9 + len(rows), scale, slots, first, cap, splits, nseg, window_slots)
-        made = (mx.array(values + rows + bounds, dtype=mx.float32), splits)
+        made = mx.array(values + rows + bounds, dtype=mx.float32)
         _DECODE_PARAMS[key] = made
     return made
 
@@ -2074,7 +2075,7 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     head = (view.coded, scale, view.slots, view.first, view.packed_keys.shape[2], call.nseg)
     window_slots = 0 if no_window else view.window_keys.shape[2]
     max_segment = cache.max_segment if segment_cuts else 0
-    params, _ = _decode_params(head, window_slots, view.rows, target, max_segment)
+    params = _decode_params(head, window_slots, view.rows, target, max_segment)
     return call.attend(
         *call.before_codes,
         *call.after_codes,
@@ -2101,17 +2102,30 @@ def _attend(call: DecodeCall, *arrays):
     """The partial and merge kernels' calls of `fused_decode_attention` (the number of
     splits is the params' length less the head and the rows). Every array is an input
     (a compiled function may not read arrays that are not yet evaluated otherwise)."""
-    *before_codes, key_cb, value_cb, value_signs, queries, pk, kn, pv, vn = arrays[:11]
-    segments, window_keys, window_values, params = arrays[11:]
+    key_signs, seg_scale, seg_mean, key_cb, value_cb, value_signs, queries = arrays[:7]
+    pk, kn, pv, vn, segments, window_keys, window_values, params = arrays[7:]
     D = queries.shape[-1]
     rows, groups = call.rows, call.groups
     splits = params.shape[0] - call.params_head
-    q = queries if call.rot else rotate(queries, before_codes[0])
+    q = queries if call.rot else rotate(queries, key_signs)
     if call.window and not call.rot:  # scored in the rotated domain too
-        window_keys = rotate(window_keys, before_codes[0])
+        window_keys = rotate(window_keys, key_signs)
         window_values = rotate(window_values, value_signs)
     out, m, s = call.partial(
-        inputs=[q, *before_codes, pk, kn, pv, vn, segments, key_cb, value_cb, params],
+        inputs=[
+            q,
+            key_signs,
+            seg_scale,
+            seg_mean,
+            pk,
+            kn,
+            pv,
+            vn,
+            segments,
+            key_cb,
+            value_cb,
+            params,
+        ],
         grid=(groups * call.chunks * splits * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
         output_shapes=[(groups, splits, rows, D), (groups, splits, rows), (groups, splits, rows)],
