@@ -100,6 +100,27 @@ def with_constants(f, variant: str):
     return g
 
 
+def filled_caches(B, H, D, context, bits, fp16_window=64, key_scaling=True):
+    """(FP16 cache, TurboQuant cache, the decode token's keys and values) of one layer,
+    both filled with the same `context` random tokens, then one decode step's update, so
+    that the float16 window holds what it holds in decode (W + 1 tokens), not a whole
+    4096-token update."""
+    fp16 = KVCache()
+    tq = TurboQuantKVCache(bits, bits, key_scaling=key_scaling, fp16_window=fp16_window)
+    for start in range(0, context, 4096):
+        n = min(4096, context - start)
+        k = mx.random.normal((B, H, n, D)).astype(mx.float16)
+        v = mx.random.normal((B, H, n, D)).astype(mx.float16)
+        fp16.update_and_fetch(k, v)
+        tq.update_and_fetch(k, v)
+        mx.eval(fp16.state, tq.state)
+    new = mx.random.normal((B, H, 1, D)).astype(mx.float16)
+    for cache in (fp16, tq):
+        cache.update_and_fetch(new, new)
+        mx.eval(cache.state)
+    return fp16, tq, new
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
@@ -127,7 +148,6 @@ def main():
 
     B, H, D = args.batch, args.kv_heads, args.head_dim
     q = mx.random.normal((B, args.heads, 1, D)).astype(mx.float16)
-    new = mx.random.normal((B, H, 1, D)).astype(mx.float16)
     scale = D**-0.5
     lines = [
         f"Device {mx.default_device()}; batch {B}, {args.heads} query / {H} KV heads, "
@@ -141,25 +161,9 @@ def main():
         "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(args.variant),
     ]
     for context in args.contexts:
-        fp16 = KVCache()
-        tq = TurboQuantKVCache(
-            args.bits,
-            args.bits,
-            key_scaling=not args.no_key_scaling,
-            fp16_window=args.fp16_window,
+        fp16, tq, new = filled_caches(
+            B, H, D, context, args.bits, args.fp16_window, not args.no_key_scaling
         )
-        for start in range(0, context, 4096):
-            n = min(4096, context - start)
-            k = mx.random.normal((B, H, n, D)).astype(mx.float16)
-            v = mx.random.normal((B, H, n, D)).astype(mx.float16)
-            fp16.update_and_fetch(k, v)
-            tq.update_and_fetch(k, v)
-            mx.eval(fp16.state, tq.state)
-        # One decode step's update, so that the float16 window holds what it holds in
-        # decode (W + 1 tokens), not a whole 4096-token update.
-        for cache in (fp16, tq):
-            cache.update_and_fetch(new, new)
-            mx.eval(cache.state)
         keys, values = fp16.state
 
         def update(cache):

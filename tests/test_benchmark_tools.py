@@ -4,6 +4,7 @@ import importlib.util
 import os
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,3 +206,34 @@ def test_paired_decode_rotates_blocks_and_pairs_them(tmp_path):
     rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 40 ")]
     assert [r[1] for r in rows] == ["fp16", "tq3"] and rows[0][3] == "1.000x"
     assert float(rows[1][2]) > 0 and float(rows[1][3].rstrip("x")) > 0
+
+
+def test_kernel_phases_marks_the_partial_kernel_and_reads_the_marks_back():
+    """The marks go in after each phase's barrier (the body's text they follow must still
+    be there), and the table's phases and spans come out of the stored marks."""
+    phases = load("kernel_phases")
+    from mlx_lm.models import turboquant_kernels as kernels
+
+    marked = phases.with_marks(kernels.PARTIAL_BODY)
+    for k in range(7):
+        assert marked.count(f"tqc[{k}] = clock64();") == 1
+    # Each mark follows the barrier that ends its phase, in order.
+    at = [marked.index(f"tqc[{k}] = clock64();") for k in range(7)]
+    assert at == sorted(at)
+    assert marked.index("// Merge the warps") < at[5]
+    with pytest.raises(ValueError, match="no longer has"):
+        phases.with_marks(kernels.PARTIAL_BODY.replace("    // rows).\n", "    // rows\n"))
+
+    # Two calls of two groups; clock 2 GHz: 2,000 cycles a µs, 1,000 ns a µs.
+    D = 16
+    calls = []
+    for start in (5_000_000, 9_000_000):
+        out = np.zeros((2, 1, 1, D), np.float32)
+        for g, lag in enumerate((0, 1000)):
+            marks = [2000 * k for k in (1, 2, 3, 4, 5, 6)]  # 1 µs each phase
+            t0, t1 = start + lag, start + lag + 6000
+            out[g, 0, 0, :10] = marks + [t0 >> 20, t0 & 0xFFFFF, t1 >> 20, t1 & 0xFFFFF]
+        calls.append(phases.group_marks(out, D))
+    per_phase, group, span = phases.summarize(calls)
+    assert np.allclose(per_phase, 1.0) and group == pytest.approx(6.0)
+    assert span == pytest.approx(7.0)  # the second group starts 1 µs later
