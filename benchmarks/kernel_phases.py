@@ -78,7 +78,9 @@ def with_marks(body: str) -> str:
         if body.count(anchor) != 1:
             raise ValueError(f"kernel_phases: the partial kernel no longer has {anchor!r}")
         if mark is None:
-            mark_then = "    TQ_SYNC();\n    if (s == s_first) tqc[4] = clock64();\n\n    // (b, MMA)"
+            mark_then = (
+                "    TQ_SYNC();\n    if (s == s_first) tqc[4] = clock64();\n\n    // (b, MMA)"
+            )
             body = body.replace(anchor, mark_then)
         else:
             body = body.replace(anchor, anchor + mark)

@@ -617,11 +617,12 @@ if pytest is not None:
         ],
     )
     def test_emulated_merge_reads_a_long_window_in_chunks(c, emulated, monkeypatch):
-        """The merge kernel takes the float16 window WCHUNK = NW x WT tokens at a time
-        (online softmax across chunks; 32 at head_dim 64): here WT = 3, chunks of 6
-        tokens, the last of a window mostly empty."""
-        wt = "constexpr int WT = 32 / DPL > 1 ? 32 / DPL : 1;"
-        chunked = kernels.MERGE_BODY.replace(wt, "constexpr int WT = 3;")
+        """The merge kernel takes the float16 window CW tokens at a time (online softmax
+        across chunks, the next chunk's keys loaded while a chunk's values are summed;
+        CW = 64 at head_dim 64): here chunks of 6 tokens, the last of a window mostly
+        empty, and threads whose token lies past the chunk."""
+        cw = "constexpr int CW = D / TS;"
+        chunked = kernels.MERGE_BODY.replace(cw, "constexpr int CW = 6;")
         assert chunked != kernels.MERGE_BODY
         monkeypatch.setattr(kernels, "MERGE_BODY", chunked)
         kernels._specialised.cache_clear()
@@ -682,9 +683,8 @@ if pytest is not None:
     def test_emulated_kernel_catches_a_wrong_mask(emulated, monkeypatch):
         """The emulated check can fail: a kernel that skips the oldest slot of the
         float16 window differs from the reference."""
-        broken = kernels.MERGE_BODY.replace(
-            "c = max(start, first); c < hi;", "c = max(start, first) + 1; c < hi;"
-        )
+        w_lo = "max(static_cast<int>(params[10 + 2 * (bh / HKV)]), first)"
+        broken = kernels.MERGE_BODY.replace(w_lo, w_lo + " + 1")
         assert broken != kernels.MERGE_BODY
         monkeypatch.setattr(kernels, "MERGE_BODY", broken)
         kernels._specialised.cache_clear()
@@ -797,6 +797,7 @@ struct __half {
 inline float __shfl_sync(unsigned, float x, int) { return x; }
 inline uint32_t tq_half2_bits(float, float) { return 0; }
 inline float tq_round_half(float x) { return x; }
+inline float tq_half_value(uint32_t) { return 0.0f; }
 template <typename C, typename A, typename B>
 void tq_mma(C c, A a, B b) { c[0] += static_cast<float>(a[0] + b[0]); }
 """

@@ -97,6 +97,7 @@ CUDA_PRELUDE = """
 #define TQ_POW(x, y) powf(x, y)
 #define TQ_SHARED_FLOATS float*
 #define TQ_AS_SHARED_FLOATS(p) reinterpret_cast<float*>(p)
+#define TQ_LOAD16(p) (*reinterpret_cast<const tq_frag*>(p))  // 16 bytes (8 halves)
 #define TQ_WORD_AT(table, off) \\
   (*reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + (off)))
 typedef __half half_t;
@@ -121,6 +122,10 @@ TQ_FN uint32_t tq_half2_bits(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 TQ_FN float tq_round_half(float x) { return __half2float(__float2half_rn(x)); }
+// The float16 in the low 16 bits of a word.
+TQ_FN float tq_half_value(uint32_t bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)));
+}
 #endif
 """
 
@@ -138,6 +143,7 @@ METAL_PRELUDE = """
 #define TQ_POW(x, y) metal::precise::pow(x, y)
 #define TQ_SHARED_FLOATS threadgroup float*
 #define TQ_AS_SHARED_FLOATS(p) ((threadgroup float*)(p))
+#define TQ_LOAD16(p) (*(const device tq_frag*)(p))
 #define TQ_WORD_AT(table, off) \\
   (*(threadgroup const uint32_t*)((threadgroup const char*)(table) + (off)))
 typedef half half_t;
@@ -147,6 +153,9 @@ struct tq_frag {
 };
 TQ_FN uint32_t tq_half2_bits(float lo, float hi) { return as_type<uint32_t>(half2(lo, hi)); }
 TQ_FN float tq_round_half(float x) { return static_cast<float>(static_cast<half>(x)); }
+TQ_FN float tq_half_value(uint32_t bits) {
+  return static_cast<float>(as_type<half>(static_cast<ushort>(bits & 0xFFFFu)));
+}
 // No tensor-core product here: the host sets MMA = 0 on Metal (the per-lane path runs).
 template <typename C, typename A, typename B>
 TQ_FN void tq_mma(C c, A a, B b) {}
@@ -238,6 +247,24 @@ TQ_FN float tq_warp_max(float x) {
     x = max(x, TQ_SHFL_XOR(x, m));
   }
   return x;
+}
+
+// Elements p[0..8) as floats: float16 in one 16-byte load (p 16-byte aligned), others
+// one at a time.
+template <typename P, typename Out>
+TQ_FN void tq_load8(P p, Out out) {
+  for (int j = 0; j < 8; j++) {
+    out[j] = static_cast<float>(p[j]);
+  }
+}
+
+template <typename Out>
+TQ_FN void tq_load8(TQ_PTR(half_t) p, Out out) {
+  const tq_frag u = TQ_LOAD16(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+  for (int j = 0; j < 8; j++) {
+    out[j] = tq_half_value(w[j / 2] >> (16 * (j & 1)));
+  }
 }
 
 // Key-mean segment of position p (turboquant_cache.key_mean_segment): 0 below 32, else
@@ -907,18 +934,27 @@ PARTIAL_BODY = """
 # (flash-decoding) and rotate them back (ROT: Π⁻¹y = D H y / sqrt(D)); with a float16
 # buffer (WIN), attend to the row's part of it, slots [max(start, first), t + 1) (the
 # partial kernel reads codes only), and merge the two; normalise, write the model's
-# dtype. The buffer is scored against q as given: the model's domain, or (ROT = 0) both
-# rotated by the host, whose output is then rotated too. Its tokens go WCHUNK = NW x WT
-# at a time (online softmax), WT per warp for the scores and the values (2 x WT x DPL
-# = 64 registers per lane), each lane taking the dims lane, lane + 32, ...: coalesced
-# loads. Template: D, R, L, WIN, ROT, HKV. Inputs: the partial kernel's outputs,
-# value_signs [D], q [BH, R, D], window_keys / values [BH, n, D] (slot first + i at i;
-# n >= slots - first), params (the partial kernel's).
+# dtype. The buffer's float16 keys are scored against the model-domain queries q (a
+# rotation keeps dot products); its values are summed as given: the model's domain, or
+# (ROT = 0) rotated by the host, whose output is then rotated back. Its tokens go CW at
+# a time (online softmax): TS threads score a token, its key row in 16-byte loads
+# issued together (the first chunk's before the splits' merge, the next chunk's while a
+# chunk's values are summed); then each thread sums one 16-byte piece of the values of
+# every TPASS-th token, its loads issued together, and shared memory adds the TPASS
+# partial sums of each dim. (Warps scoring 8 tokens at a time, a warp sum per token,
+# took 8.6 µs of a 1K decode step's layer on the H200, its three chunks each waiting
+# on memory.) Template: D, R, L, WIN, ROT, HKV. Inputs: the partial kernel's outputs,
+# value_signs [D], q [BH, R, D] (model domain), window_keys / values [BH, n, D] (slot
+# first + i at i; n >= slots - first; keys float16), params (the partial kernel's).
 MERGE_BODY = """
+  // The window in chunks of CW tokens: TS threads per token score it (DT dims each, 16
+  // bytes a load), then TPASS tokens at a time per value pass, a 16-byte piece a thread.
   constexpr int NW = D / 32;
-  constexpr int DPL = D / 32;
-  constexpr int WT = 32 / DPL > 1 ? 32 / DPL : 1;  // window tokens per warp and chunk
-  constexpr int WCHUNK = NW * WT;
+  constexpr int TS = D <= 128 ? 1 : (D <= 256 ? 2 : 4);
+  constexpr int DT = D / TS;
+  constexpr int CW = D / TS;
+  constexpr int PIECES = D / 8;
+  constexpr int TPASS = D / PIECES;
   const int row = tq_group;
   const int bh = row / R;
   const int d = tq_tid;
@@ -927,8 +963,30 @@ MERGE_BODY = """
   const int splits = static_cast<int>(params[6]);
   TQ_SHARED float h[D];
   TQ_SHARED float qrow[WIN ? D : 1];
-  TQ_SHARED float scores[WIN ? WCHUNK : 1];
-  TQ_SHARED float warp_out[WIN ? NW * D : 1];
+  TQ_SHARED float probs[WIN ? CW : 1];
+  TQ_SHARED float red[2 * NW];
+  TQ_SHARED float pass_out[WIN ? TPASS * D : 1];
+  // The row's part of the float16 buffer: slots [w_lo, w_hi), slot i at i - first.
+  const float sc = params[2];
+  const int first = static_cast<int>(params[4]);
+  const int n_window = static_cast<int>(params[8]);  // the buffer's slots per head
+  const int w_lo = WIN ? max(static_cast<int>(params[10 + 2 * (bh / HKV)]), first) : 0;
+  const int w_hi = WIN ? static_cast<int>(params[3]) - L + row % R % L + 1 : 0;
+  const int token = d / TS;  // the key this thread scores, and its dims
+  const int dims = (d % TS) * DT;
+  // The first chunk's keys are loaded before anything waits on memory: their latency
+  // hides behind the splits' merge and the rotation.
+  tq_frag key8[WIN ? DT / 8 : 1];
+  if (WIN && w_lo + token < w_hi) {
+    const size_t at = ((size_t)bh * n_window + w_lo + token - first) * D + dims;
+#pragma unroll
+    for (int e = 0; e < DT / 8; e++) {
+      key8[e] = TQ_LOAD16(window_keys + at + 8 * e);
+    }
+  }
+  if (WIN) {
+    qrow[d] = static_cast<float>(q[(size_t)row * D + d]);
+  }
   const int entry = bh * splits * R + row % R;
   // Unrolled, so that several splits' loads are in flight at once (one at a time, a
   // long context's 64 splits waited on memory 64 times in each loop).
@@ -953,83 +1011,88 @@ MERGE_BODY = """
     o = h[d] * value_signs[d];
   }
   if (WIN) {
-    const float sc = params[2];
-    const int slots = static_cast<int>(params[3]);
-    const int first = static_cast<int>(params[4]);
-    const int start = static_cast<int>(params[10 + 2 * (bh / HKV)]);
-    const int n_window = static_cast<int>(params[8]);  // the buffer's slots per head
-    const int hi = slots - L + row % R % L + 1;
-    qrow[d] = static_cast<float>(q[(size_t)row * D + d]);
-    float wm = -INFINITY;  // the window part's max, sum and (per lane) outputs
+    float wm = -INFINITY;  // the window part's max, sum and output (dim d)
     float wl = 0.0f;
-    float wo[DPL];
-    for (int k = 0; k < DPL; k++) {
-      wo[k] = 0.0f;
-    }
-    for (int c = max(start, first); c < hi; c += WCHUNK) {
-      const int n = min(WCHUNK, hi - c);
-      // Warp w takes the chunk's tokens [w WT, (w + 1) WT): their keys and values are
-      // loaded together, one wait on memory per chunk (a token at a time, each waited
-      // on memory twice, took most of this kernel's time at 1K).
-      const int i0 = warp * WT;
-      float key[WT][DPL];
-      float val[WT][DPL];
+    float window_o = 0.0f;
+    const int vt = d / PIECES;  // value passes: token vt of each TPASS, dims 8 vp ..
+    const int vp = d % PIECES;
+    for (int c = w_lo; c < w_hi; c += CW) {
+      const int n = min(CW, w_hi - c);
+      TQ_SYNC();  // qrow written; the previous chunk's probabilities and sums read
+      // Scores, one key per TS threads (their partial dots summed by shuffles).
+      float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int u = 0; u < WT; u++) {
-        const size_t at = ((size_t)bh * n_window + c + i0 + u - first) * D;
+      for (int e = 0; e < DT / 8; e++) {
+        const uint32_t w[4] = {key8[e].x, key8[e].y, key8[e].z, key8[e].w};
 #pragma unroll
-        for (int k = 0; k < DPL; k++) {
-          const bool ok = i0 + u < n;
-          key[u][k] = ok ? static_cast<float>(window_keys[at + lane + 32 * k]) : 0.0f;
-          val[u][k] = ok ? static_cast<float>(window_values[at + lane + 32 * k]) : 0.0f;
+        for (int j = 0; j < 8; j++) {
+          dot[j & 3] += qrow[dims + 8 * e + j] * tq_half_value(w[j / 2] >> (16 * (j & 1)));
         }
       }
-      TQ_SYNC();  // qrow written; the previous chunk's scores read
+      float x = (dot[0] + dot[1]) + (dot[2] + dot[3]);
+      for (int m = 1; m < TS; m <<= 1) {
+        x += TQ_SHFL_XOR(x, m);
+      }
+      x = token < n ? sc * x : -INFINITY;
+      if (c + CW + token < w_hi) {  // the next chunk's keys, while this one's values run
+        const size_t at = ((size_t)bh * n_window + c + CW + token - first) * D + dims;
 #pragma unroll
-      for (int u = 0; u < WT; u++) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int k = 0; k < DPL; k++) {
-          dot += qrow[lane + 32 * k] * key[u][k];
+        for (int e = 0; e < DT / 8; e++) {
+          key8[e] = TQ_LOAD16(window_keys + at + 8 * e);
         }
-        const float total = tq_warp_sum(dot);
-        if (lane == 0 && i0 + u < n) {
-          scores[i0 + u] = sc * total;
-        }
+      }
+      // The chunk's max and sum over the group (a warp's, then the warps').
+      const float warp_max = tq_warp_max(x);
+      if (lane == 0) {
+        red[warp] = warp_max;
       }
       TQ_SYNC();
-      float chunk_max = -INFINITY;
-      for (int i = lane; i < n; i += 32) {
-        chunk_max = max(chunk_max, scores[i]);
+      float m_new = wm;
+      for (int u = 0; u < NW; u++) {
+        m_new = max(m_new, red[u]);
       }
-      const float m_new = max(wm, tq_warp_max(chunk_max));
+      const float pr = x == -INFINITY ? 0.0f : TQ_EXP(x - m_new);
+      if (d % TS == 0 && token < CW) {
+        probs[token] = pr;
+      }
+      const float warp_sum = tq_warp_sum(d % TS == 0 ? pr : 0.0f);
+      if (lane == 0) {
+        red[NW + warp] = warp_sum;
+      }
+      TQ_SYNC();
       float sum = 0.0f;
-      for (int i = lane; i < n; i += 32) {
-        sum += TQ_EXP(scores[i] - m_new);
+      for (int u = 0; u < NW; u++) {
+        sum += red[NW + u];
       }
-      const float alpha = TQ_EXP(wm - m_new);
-      wl = wl * alpha + tq_warp_sum(sum);
+      const float alpha = wm == -INFINITY ? 0.0f : TQ_EXP(wm - m_new);
+      wl = wl * alpha + sum;
       wm = m_new;
+      // Values: this thread's 16-byte piece of tokens vt, vt + TPASS, ... (all loaded
+      // at once), then the TPASS partial sums of each dim through shared memory.
+      float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-      for (int k = 0; k < DPL; k++) {
-        wo[k] *= alpha;
-      }
+      for (int i0 = 0; i0 < CW; i0 += TPASS) {
+        const int i = i0 + vt;
+        if (i < n) {
+          float v[8];
+          tq_load8(window_values + ((size_t)bh * n_window + c + i - first) * D + 8 * vp, v);
+          const float pi = probs[i];
 #pragma unroll
-      for (int u = 0; u < WT; u++) {
-        const float p = i0 + u < n ? TQ_EXP(scores[i0 + u] - m_new) : 0.0f;
-#pragma unroll
-        for (int k = 0; k < DPL; k++) {
-          wo[k] += p * val[u][k];
+          for (int j = 0; j < 8; j++) {
+            acc[j] += pi * v[j];
+          }
         }
       }
-    }
-    for (int k = 0; k < DPL; k++) {
-      warp_out[warp * D + lane + 32 * k] = wo[k];
-    }
-    TQ_SYNC();
-    float window_o = 0.0f;
-    for (int w = 0; w < NW; w++) {
-      window_o += warp_out[w * D + d];
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        pass_out[vt * D + 8 * vp + j] = acc[j];
+      }
+      TQ_SYNC();
+      float chunk_o = 0.0f;
+      for (int t = 0; t < TPASS; t++) {
+        chunk_o += pass_out[t * D + d];
+      }
+      window_o = window_o * alpha + chunk_o;
     }
     const float both = max(top, wm);
     const float fc = top == -INFINITY ? 0.0f : TQ_EXP(top - both);
@@ -2147,8 +2210,9 @@ def _attend(call: DecodeCall, *arrays):
     rows, groups = call.rows, call.groups
     splits = params.shape[0] - call.params_head
     q = queries if call.rot else rotate(queries, key_signs)
-    if call.window and not call.rot:  # scored in the rotated domain too
-        window_keys = rotate(window_keys, key_signs)
+    if call.window and not call.rot:
+        # The merge scores the window's float16 keys against the model-domain queries
+        # (rotations keep dot products) and sums its values in the codes' domain.
         window_values = rotate(window_values, value_signs)
     out, m, s = call.partial(
         inputs=[
@@ -2171,7 +2235,7 @@ def _attend(call: DecodeCall, *arrays):
         output_dtypes=[mx.float32] * 3,
     )
     (o,) = call.merge(
-        inputs=[out, m, s, value_signs, q, window_keys, window_values, params],
+        inputs=[out, m, s, value_signs, queries, window_keys, window_values, params],
         grid=(groups * rows * D, 1, 1),
         threadgroup=(D, 1, 1),
         output_shapes=[queries.shape],
