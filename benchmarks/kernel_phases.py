@@ -7,8 +7,11 @@ store them, with the group's `%globaltimer` start and end, over its first output
 Then one layer's attention runs as `attention_bench.py` runs it (a cache filled with
 random keys and values, `--calls` chained calls, `--rounds` rounds, the first untimed),
 and the table gives each phase of the median group in µs, and the span of a call (first
-group's start to last group's end). The marks cost registers, so the kernels measured
-are not quite the ones that run; compare variants with one another, not with CUPTI.
+group's start to last group's end), over the second half of each round's calls: the
+first calls after the host's pause between rounds ran many times slower on the H200
+(its clocks coming back up; one call alone at 16K spanned 395 µs against 12.5). The
+marks cost registers, so the kernels measured are not quite the ones that run; compare
+variants with one another, not with CUPTI.
 
     python benchmarks/kernel_phases.py --contexts 1024 16384 131072 --output phases.md
     python benchmarks/kernel_phases.py --contexts 32768 --batch 8
@@ -166,8 +169,8 @@ def main():
             for _ in range(args.calls):
                 x = scaled_dot_product_attention(x, None, None, tq, D**-0.5, None)
             mx.eval(x, *outputs)
-            if r:
-                calls += [group_marks(np.array(o), D) for o in outputs]
+            if r:  # the round's second half: the GPU busy, its clocks up
+                calls += [group_marks(np.array(o), D) for o in outputs[len(outputs) // 2 :]]
         phases, group, span = summarize(calls)
         cells = " | ".join(f"{x:.2f}" for x in phases)
         lines.append(f"| {B} x {context} | {cells} | {group:.2f} | {span:.1f} |")
