@@ -258,13 +258,18 @@ TQ_FN void tq_load8(P p, Out out) {
   }
 }
 
+// The eight float16 of 16 loaded bytes as floats.
 template <typename Out>
-TQ_FN void tq_load8(TQ_PTR(half_t) p, Out out) {
-  const tq_frag u = TQ_LOAD16(p);
+TQ_FN void tq_halves8(tq_frag u, Out out) {
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
   for (int j = 0; j < 8; j++) {
     out[j] = tq_half_value(w[j / 2] >> (16 * (j & 1)));
   }
+}
+
+template <typename Out>
+TQ_FN void tq_load8(TQ_PTR(half_t) p, Out out) {
+  tq_halves8(TQ_LOAD16(p), out);
 }
 
 // Key-mean segment of position p (turboquant_cache.key_mean_segment): 0 below 32, else
@@ -1023,10 +1028,11 @@ MERGE_BODY = """
       float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
       for (int e = 0; e < DT / 8; e++) {
-        const uint32_t w[4] = {key8[e].x, key8[e].y, key8[e].z, key8[e].w};
+        float k[8];
+        tq_halves8(key8[e], k);
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-          dot[j & 3] += qrow[dims + 8 * e + j] * tq_half_value(w[j / 2] >> (16 * (j & 1)));
+          dot[j & 3] += qrow[dims + 8 * e + j] * k[j];
         }
       }
       float x = (dot[0] + dot[1]) + (dot[2] + dot[3]);
