@@ -32,6 +32,7 @@ from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
 from step_split import (  # noqa: E402
     config_parser,
     parse_against_fp16,
+    pipelined,
     prefilled,
     split_prefill,
     synthetic_prefilled,
@@ -86,14 +87,7 @@ def traced_steps(model, config: dict, context: int, steps: int, batch=1, synthet
         y = step(y)
         mx.eval(y)
 
-    def run():
-        nonlocal y
-        for _ in range(steps):
-            y = step(y)
-            mx.async_eval(y)
-        mx.eval(y)
-
-    return traced(run)
+    return traced(lambda: pipelined(step, y, steps))
 
 
 def traced_prefill(model, config: dict, context: int, prefill_step: int):

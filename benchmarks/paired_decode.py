@@ -25,6 +25,7 @@ from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
 from step_split import (  # noqa: E402
     config_parser,
     parse_against_fp16,
+    pipelined,
     prefilled,
     synthetic_prefilled,
 )
@@ -42,10 +43,7 @@ def block_rates(steppers: dict, blocks: int, block_steps: int) -> dict:
             step, y = steppers[name]
             mx.synchronize()
             tic = time.perf_counter()
-            for _ in range(block_steps):
-                y = step(y)
-                mx.async_eval(y)
-            mx.eval(y)
+            y = pipelined(step, y, block_steps)
             rates[name].append(block_steps * y.size / (time.perf_counter() - tic))
             steppers[name][1] = y
     return rates

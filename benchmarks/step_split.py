@@ -97,6 +97,16 @@ def split_prefill(model, config: dict, context: int, prefill_step: int = 2048):
     return (sum(parts), *parts)
 
 
+def pipelined(step, y, steps: int):
+    """`steps` decode steps y -> step(y) as generation runs them (each launched while the
+    previous evaluates), waited for at the end; returns the last y."""
+    for _ in range(steps):
+        y = step(y)
+        mx.async_eval(y)
+    mx.eval(y)
+    return y
+
+
 def split_step(model, config: dict, context: int, steps: int):
     """(pipelined ms per step, build ms, launch ms, wait ms) after a prompt of `context`
     random tokens: launch is `mx.async_eval` returning (the host submitting the built
@@ -105,11 +115,8 @@ def split_step(model, config: dict, context: int, steps: int):
     mx.eval(step(y))  # untimed: it may compile kernels for a new shape
     mx.synchronize()
     tic = time.perf_counter()
-    for _ in range(steps):
-        y = step(y)
-        mx.async_eval(y)
-    mx.eval(y)
-    pipelined = (time.perf_counter() - tic) / steps * 1e3
+    y = pipelined(step, y, steps)
+    per_step = (time.perf_counter() - tic) / steps * 1e3
     parts = []
     for _ in range(steps):
         mx.synchronize()
@@ -120,7 +127,7 @@ def split_step(model, config: dict, context: int, steps: int):
         launched = time.perf_counter()
         mx.eval(y)
         parts.append((built - tic, launched - built, time.perf_counter() - launched))
-    return (pipelined, *(statistics.median(p[i] for p in parts) * 1e3 for i in range(3)))
+    return (per_step, *(statistics.median(p[i] for p in parts) * 1e3 for i in range(3)))
 
 
 def config_parser(description: str, dequantize: bool = True) -> argparse.ArgumentParser:
@@ -183,10 +190,10 @@ def main(argv=None):
                 runs[name].append(split(CONFIGS[name], context))
         med = {n: [statistics.median(r[i] for r in runs[n]) for i in range(4)] for n in runs}
         for name in args.configs:
-            pipelined, build, launch, wait = med[name]
-            ratio = med["fp16"][0] / pipelined  # speed against FP16's
+            per_step, build, launch, wait = med[name]
+            ratio = med["fp16"][0] / per_step  # speed against FP16's
             lines.append(
-                f"| {context} | {name} | {pipelined:.2f} | {ratio:.2f}x | {build:.2f} | "
+                f"| {context} | {name} | {per_step:.2f} | {ratio:.2f}x | {build:.2f} | "
                 f"{launch:.2f} | {wait:.2f} |"
             )
     table = "\n".join(lines)
