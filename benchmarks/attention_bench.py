@@ -121,9 +121,11 @@ def filled_caches(B, H, D, context, bits, fp16_window=64, key_scaling=True):
     return fp16, tq, new
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+def layer_parser(description: str, contexts=(1024, 4096), rounds: int = 7):
+    """Arguments of one layer's attention over `filled_caches` (here and kernel_phases.py):
+    contexts, batch, shapes, the TurboQuant cache, chained calls, rounds, output."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--contexts", type=int, nargs="+", default=list(contexts))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
@@ -134,7 +136,13 @@ def main():
     )
     p.add_argument("--no-key-scaling", action="store_true")
     p.add_argument("--calls", type=int, default=28, help="calls evaluated together")
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--output")
+    return p
+
+
+def main():
+    p = layer_parser(__doc__.splitlines()[0])
     p.add_argument(
         "--variant",
         action="append",
@@ -143,7 +151,6 @@ def main():
         help="also time the TurboQuant attention (device time) with these constants of "
         "turboquant_kernels set, e.g. TARGET_GROUPS=512 or TENSOR_CORES=0; repeatable",
     )
-    p.add_argument("--output")
     args = p.parse_args()
 
     B, H, D = args.batch, args.kv_heads, args.head_dim

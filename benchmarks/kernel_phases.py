@@ -17,7 +17,6 @@ variants with one another, not with CUPTI.
     python benchmarks/kernel_phases.py --contexts 32768 --batch 8
 """
 
-import argparse
 import os
 import statistics
 import sys
@@ -26,9 +25,11 @@ import mlx.core as mx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_bench import filled_caches, layer_parser  # noqa: E402
 from generate_bench import print_table  # noqa: E402
 
 from mlx_lm.models import turboquant_kernels as kernels  # noqa: E402
+from mlx_lm.models.base import scaled_dot_product_attention  # noqa: E402
 
 PHASES = [
     "prologue",
@@ -38,16 +39,15 @@ PHASES = [
     "token loop",
     "warps' merge + write",
 ]
-# Phase k ends at mark k + 1: (text of the body the mark follows, the mark). Marks 1-4
-# are taken in the first pass over key-mean segments only.
+# Mark k (phase k - 1 ends there) goes right before this text of the body, which follows
+# the barrier that ends the phase. Marks 1-4 are taken in the first pass over key-mean
+# segments only.
 MARKS = [
-    ("    // rows).\n    TQ_SYNC();\n", "    if (s == s_first) tqc[1] = clock64();\n"),
-    ("      qs[i] = x;\n    }\n    TQ_SYNC();\n", "    if (s == s_first) tqc[2] = clock64();\n"),
-    (
-        "        qs[i] *= 1.0f / sqrt((float)D);\n      }\n      TQ_SYNC();\n    }\n",
-        "    if (s == s_first) tqc[3] = clock64();\n",
-    ),
-    ("    TQ_SYNC();\n\n    // (b, MMA)", None),  # before the token loop: mark 4
+    "    for (int i = tq_tid; i < RC * D; i += NT) {\n      const int e = i % D;",
+    "    if (ROT) {\n      for (int len = 1; len < D; len <<= 1) {",
+    "    // (Π(q∘σ_s))·M̃_s, a warp per row.",
+    "    // (b, MMA) 32 tokens",
+    "  if (MMA && (lane & 3) == 0) {",  # after the barrier that starts the warps' merge
 ]
 START = (
     "long long tqc[7] = {0, 0, 0, 0, 0, 0, 0};\n"
@@ -76,22 +76,14 @@ END = """
 
 def with_marks(body: str) -> str:
     """The partial kernel's body with the phase marks written in; fails loudly where the
-    body no longer has the text a mark follows (update MARKS with the kernel)."""
-    for anchor, mark in MARKS:
+    body no longer has the text a mark goes before (update MARKS with the kernel)."""
+    for k, anchor in enumerate(MARKS, start=1):
         if body.count(anchor) != 1:
             raise ValueError(f"kernel_phases: the partial kernel no longer has {anchor!r}")
-        if mark is None:
-            mark_then = (
-                "    TQ_SYNC();\n    if (s == s_first) tqc[4] = clock64();\n\n    // (b, MMA)"
-            )
-            body = body.replace(anchor, mark_then)
-        else:
-            body = body.replace(anchor, anchor + mark)
-    merge = body.find("  // Merge the warps")
-    if merge < 0:
-        raise ValueError("kernel_phases: the partial kernel no longer merges its warps")
-    at = body.index("  TQ_SYNC();\n", merge) + len("  TQ_SYNC();\n")
-    body = body[:at] + "  tqc[5] = clock64();\n" + body[at:]
+        mark = f"tqc[{k}] = clock64();\n"
+        if k < 5:
+            mark = "if (s == s_first) " + mark
+        body = body.replace(anchor, mark + anchor)
     return START + body + END
 
 
@@ -117,24 +109,9 @@ def summarize(calls: list) -> tuple:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=28)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--calls", type=int, default=28)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--output")
-    args = p.parse_args()
+    args = layer_parser(__doc__.splitlines()[0], (1024, 16384), rounds=5).parse_args()
     if kernels.fused_backend() != "cuda":
         raise SystemExit("kernel_phases needs MLX's CUDA backend on a CUDA GPU.")
-
-    from attention_bench import filled_caches
-
-    from mlx_lm.models.base import scaled_dot_product_attention
-
     kernels.PARTIAL_BODY = with_marks(kernels.PARTIAL_BODY)
     kernels.COMPILE_DECODE = False  # so that the partial outputs can be kept
     outputs = []
@@ -153,14 +130,17 @@ def main():
     lines = [
         f"Partial decode kernel with phase marks on {mx.default_device()}: batch {B}, "
         f"{args.heads} query / {args.kv_heads} KV heads, head_dim {D}, TurboQuant "
-        f"{args.bits} bits (defaults); {args.calls} chained calls, {args.rounds - 1} "
+        f"{args.bits} bits (float16 window {args.fp16_window}, key scaling "
+        f"{'off' if args.no_key_scaling else 'on'}); {args.calls} chained calls, {args.rounds - 1} "
         "rounds; µs, median group.",
         "",
         "| context | " + " | ".join(PHASES) + " | group | call span |",
         "|---|" + "---|" * (len(PHASES) + 2),
     ]
     for context in args.contexts:
-        _, tq, _ = filled_caches(B, args.kv_heads, D, context, args.bits)
+        _, tq, _ = filled_caches(
+            B, args.kv_heads, D, context, args.bits, args.fp16_window, not args.no_key_scaling
+        )
         q = mx.random.normal((B, args.heads, 1, D)).astype(mx.float16)
         calls = []
         for r in range(args.rounds):
