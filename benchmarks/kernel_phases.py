@@ -108,8 +108,9 @@ def summarize(calls: list) -> tuple:
     return phases, cumulative[-1], statistics.median(spans)
 
 
-def main():
-    args = layer_parser(__doc__.splitlines()[0], (1024, 16384), rounds=5).parse_args()
+def main(argv=None):
+    parser = layer_parser(__doc__.splitlines()[0], (1024, 16384), rounds=5)
+    args = parser.parse_args(argv)
     if kernels.fused_backend() != "cuda":
         raise SystemExit("kernel_phases needs MLX's CUDA backend on a CUDA GPU.")
     kernels.PARTIAL_BODY = with_marks(kernels.PARTIAL_BODY)

@@ -237,3 +237,6 @@ def test_kernel_phases_marks_the_partial_kernel_and_reads_the_marks_back():
     per_phase, group, span = phases.summarize(calls)
     assert np.allclose(per_phase, 1.0) and group == pytest.approx(6.0)
     assert span == pytest.approx(7.0)  # the second group starts 1 µs later
+    if kernels.fused_backend() != "cuda":  # the CPU CI: the tool says what it needs
+        with pytest.raises(SystemExit, match="needs MLX's CUDA backend"):
+            phases.main(["--contexts", "1024"])
