@@ -4,6 +4,13 @@ allocate their outputs, so what is timed is what the host does to build a step's
 At batch 1 on a GPU a decode step is bound by this host work (attention_bench.py's build
 columns measure it there, with the real kernels).
 
+With `--in-model N`, the same timed inside the decode steps of an N-layer model (Qwen2
+layout with these heads, a small MLP and vocabulary; timers around each layer's cache
+update and attention): inside a model, between the other layers' work, every Python
+operation of the step costs several times what it does in a loop of its own (on the CPU
+machine the TurboQuant attention's pieces took 5-6 µs each there, against 0.4-1.3 µs in
+a loop), so this is the host time a decode step really spends.
+
 With `--prefill-step N`, the same for a prefill of `--context` tokens in chunks of N: the
 host time to build each chunk's graph (update + causal attention), per chunk and in all.
 A GPU runs a chunk's graph only once it is built, so this time adds to the prefill's
@@ -11,6 +18,7 @@ A GPU runs a chunk's graph only once it is built, so this time adds to the prefi
 
     python benchmarks/host_bench.py --context 4096 --rounds 9 --output host.md
     python benchmarks/host_bench.py --context 16384 --prefill-step 2048 --rounds 5
+    python benchmarks/host_bench.py --context 1024 --in-model 28 --rounds 21
 """
 
 import argparse
@@ -54,6 +62,9 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--prefill-step", type=int, help="time a chunked prefill's graphs instead")
+    p.add_argument(
+        "--in-model", type=int, metavar="LAYERS", help="time them inside a model's decode steps"
+    )
     p.add_argument("--output")
     args = p.parse_args(argv)
     if args.prefill_step is not None and not 0 < args.prefill_step <= args.context:
@@ -66,7 +77,12 @@ def main(argv=None):
     saved = turboquant_attention.fused_backend, turboquant_cache.fused_backend
     turboquant_attention.fused_backend = turboquant_cache.fused_backend = lambda: "stand-in"
     try:
-        table = prefill_table(args) if args.prefill_step else host_table(args)
+        if args.prefill_step:
+            table = prefill_table(args)
+        elif args.in_model:
+            table = in_model_table(args)
+        else:
+            table = host_table(args)
     finally:
         turboquant_attention.fused_backend, turboquant_cache.fused_backend = saved
     print_table(table, args.output)
@@ -158,6 +174,80 @@ def host_table(args) -> str:
             "| fp16 | tq3 | tq3 / fp16 |",
             "|---|---|---|",
             f"| {fp:.1f} | {tq_us:.1f} | {tq_us / fp:.2f}x |",
+        ]
+    )
+
+
+def in_model_table(args) -> str:
+    """Host µs per layer of the cache update and the attention inside decode steps of an
+    `--in-model`-layer model (each step's graph built, not run; the caches trimmed back
+    after it), FP16 vs TurboQuant, interleaved rounds of `--calls` // 100 steps."""
+    import mlx.nn as nn
+
+    from mlx_lm.models import base, qwen2
+    from mlx_lm.models.cache import make_prompt_cache
+
+    H, D, layers = args.kv_heads, args.head_dim, args.in_model
+    config = dict(hidden_size=args.heads * D, num_hidden_layers=layers, intermediate_size=128)
+    config.update(num_attention_heads=args.heads, num_key_value_heads=H, rms_norm_eps=1e-6)
+    model = qwen2.Model(
+        qwen2.ModelArgs(model_type="qwen2", vocab_size=1024, tie_word_embeddings=False, **config)
+    )
+    model.set_dtype(mx.float16)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    spent = {"update": 0.0, "attention": 0.0}
+
+    def timed(part, f):
+        def g(*a, **k):
+            tic = time.perf_counter()
+            out = f(*a, **k)
+            spent[part] += time.perf_counter() - tic
+            return out
+
+        return g
+
+    caches = {"fp16": make_prompt_cache(model), "tq3": make_prompt_cache(model, turbo_kv_bits=3)}
+    k = mx.random.normal((1, H, args.context, D)).astype(mx.float16)
+    for cache in caches.values():
+        for layer in cache:
+            layer.update_and_fetch(k, k)
+            layer.update_and_fetch = timed("update", layer.update_and_fetch)
+        mx.eval([layer.state for layer in cache])
+    token = mx.array([[5]])
+    times = {(n, part): [] for n in caches for part in spent}
+    steps = max(1, args.calls // 100)
+    saved = qwen2.scaled_dot_product_attention
+    qwen2.scaled_dot_product_attention = timed("attention", base.scaled_dot_product_attention)
+    try:
+        for r in range(args.rounds + 1):  # interleaved; the first round untimed
+            for name, cache in caches.items():
+                spent.update(update=0.0, attention=0.0)
+                for _ in range(steps):
+                    model(token, cache=cache)
+                    for layer in cache:
+                        layer.trim(1)
+                for part, t in spent.items():
+                    if r:
+                        times[name, part].append(t / steps / layers * 1e6)
+    finally:
+        qwen2.scaled_dot_product_attention = saved
+    us = {key: statistics.median(t) for key, t in times.items()}
+    rows = [
+        f"| {part} | {us['fp16', part]:.1f} | {us['tq3', part]:.1f} | "
+        f"{us['tq3', part] / us['fp16', part]:.2f}x |"
+        for part in spent
+    ]
+    return "\n".join(
+        [
+            f"Host µs per layer inside the decode steps of a {layers}-layer model (Qwen2 "
+            f"layout, {args.heads} query / {H} KV heads, head_dim {D}; graphs built, nothing "
+            f"run), context {args.context}, TurboQuant 3 bits with the defaults; median of "
+            f"{args.rounds} interleaved rounds x {steps} steps.",
+            "",
+            "| part | fp16 | tq3 | tq3 / fp16 |",
+            "|---|---|---|---|",
+            *rows,
         ]
     )
 

@@ -105,6 +105,30 @@ def test_host_bench_times_each_prefill_chunk(tmp_path, capsys):
         )
 
 
+def test_host_bench_times_update_and_attention_inside_a_model(tmp_path):
+    """With --in-model, host_bench times each layer's cache update and attention inside
+    decode steps of a small model, through the fused path (the decode kernels' stand-ins
+    are asked for), and puts the model's attention back as it was."""
+    from mlx_lm.models import qwen2
+    from mlx_lm.models import turboquant_kernels as kernels
+
+    attention = qwen2.scaled_dot_product_attention
+    kernels._decode_kernels.cache_clear()
+    out = tmp_path / "in_model.md"
+    load("host_bench").main(
+        ["--context", "300", "--in-model", "2", "--calls", "100", "--rounds", "1"]
+        + ["--heads", "4", "--kv-heads", "2", "--head-dim", "64", "--output", str(out)]
+    )
+    assert kernels._decode_kernels.cache_info().currsize == 1  # the fused path ran
+    assert qwen2.scaled_dot_product_attention is attention
+    text = out.read_text()
+    assert "inside the decode steps of a 2-layer model" in text
+    for part in ("update", "attention"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {part} |"))
+        fp16, tq3 = (float(x) for x in row.split("|")[2:4])
+        assert fp16 > 0 and tq3 > 0
+
+
 def test_step_split_times_every_part_of_a_decode_step(tmp_path):
     """step_split writes one row per context and config, FP16's ratio 1.00x, and refuses
     a table without FP16 to compare with."""

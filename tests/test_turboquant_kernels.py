@@ -368,6 +368,22 @@ def test_dispatch_uses_reference_without_a_gpu_backend():
     assert not kernels.supports(q, filled_cache(1, 2, 50, 64, 3, window=64), None)
 
 
+def test_reference_variable_is_read_at_each_call(monkeypatch):
+    """MLX_LM_TURBO_REFERENCE is read from the environment's own dict (os.environ.get is
+    slow for unset names): set, changed and removed at run time, as tests and benchmarks
+    do, it is seen at the next call."""
+    monkeypatch.delenv("MLX_LM_TURBO_REFERENCE", raising=False)
+    assert not kernels._forced_reference()
+    for value, forced in [("1", True), ("0", False), ("", False), ("yes", True)]:
+        monkeypatch.setenv("MLX_LM_TURBO_REFERENCE", value)
+        assert kernels._forced_reference() is forced, value
+        if forced:
+            assert kernels.fused_backend() is None
+    monkeypatch.delenv("MLX_LM_TURBO_REFERENCE")
+    assert not kernels._forced_reference()
+    assert kernels.fused_backend() == BACKEND
+
+
 def test_kernel_sources_share_one_body():
     cuda = kernels.kernel_sources("cuda")
     metal = kernels.kernel_sources("metal")

@@ -140,7 +140,7 @@ def scaled_dot_product_attention(
     everything else goes to `mx.fast.scaled_dot_product_attention`.
     """
     if isinstance(cache, TurboQuantCodec):
-        return turboquant_scaled_dot_product_attention(queries, cache, scale=scale, mask=mask)
+        return turboquant_scaled_dot_product_attention(queries, cache, scale, mask)
     if isinstance(cache, QuantizedKVCache):
         return quantized_scaled_dot_product_attention(
             queries,

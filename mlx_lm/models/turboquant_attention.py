@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from .turboquant_kernels import MAX_QUERY_TOKENS, fused_backend, fused_decode_attention, supports
+from .turboquant_kernels import MAX_QUERY_TOKENS, fused_backend, try_fused_decode_attention
 from .turboquant_rotation import inverse_rotate, rotate
 
 # Most attention scores one windowed SDPA call may hold (float32: 256 MB).
@@ -41,8 +41,10 @@ def turboquant_scaled_dot_product_attention(
     included. Decode-sized query blocks go to the fused kernel where one runs
     (`turboquant_kernels`); everything else, and every CPU call, to the reference below."""
     backend = fused_backend()
-    if backend is not None and supports(queries, cache, mask, backend):
-        return fused_decode_attention(queries, cache, scale, mask, backend)
+    if backend is not None:
+        out = try_fused_decode_attention(queries, cache, scale, mask, backend)
+        if out is not None:
+            return out
     rotated = attends_rotated(cache)
     if getattr(cache, "recent_keys", None) is not None:
         return windowed_attention(queries, cache, scale, mask, rotated)

@@ -1001,15 +1001,18 @@ class TurboQuantKVCache(TurboQuantCodec, _BaseCache):
             first, window = self.window_base, self._window_buffers
         elif self.fp16_window and self.recent_keys is not None:
             first, window = self.recent_start, (self.recent_keys, self.recent_values)
+        # (Positional: keywords make a NamedTuple ~2x slower, and every layer asks.)
         return KernelView(
-            *self._buffers(),
-            segments=None,
-            coded=self.coded,
-            slots=self.offset,
-            first=first,
-            window_keys=window[0],
-            window_values=window[1],
-            rows=(0, self.recent_start) * B,
+            self.packed_keys,
+            self.key_norms,
+            self.packed_values,
+            self.value_norms,
+            None,  # segments
+            self.coded,
+            self.offset,  # slots
+            first,
+            *window,
+            (0, self.recent_start) * B,  # rows
         )
 
     # ---- the cache interface ----

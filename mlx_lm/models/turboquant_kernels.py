@@ -1523,11 +1523,23 @@ def metal_available() -> bool:
 
 def fused_backend() -> Optional[str]:
     """The backend the fused kernels run on now, or None (CPU, or forced reference)."""
-    if os.environ.get("MLX_LM_TURBO_REFERENCE", "0") not in ("", "0"):
-        return None
-    if mx.default_device() != mx.gpu:
+    if _forced_reference() or mx.default_device().type != mx.gpu:
         return None
     return _gpu_backend()
+
+
+# The environment's own dict of encoded names, which os.environ reads and writes:
+# os.environ.get takes ~2 µs for an unset name (a KeyError raised and caught inside), and
+# every layer of every decode step asks.
+_ENVIRON = getattr(os.environ, "_data", None)
+_REFERENCE_KEY = os.environ.encodekey("MLX_LM_TURBO_REFERENCE") if _ENVIRON is not None else None
+
+
+def _forced_reference() -> bool:
+    """Whether MLX_LM_TURBO_REFERENCE is set to anything but "" or "0"."""
+    if _ENVIRON is None:
+        return os.environ.get("MLX_LM_TURBO_REFERENCE", "0") not in ("", "0")
+    return _ENVIRON.get(_REFERENCE_KEY, "0") not in ("", "0", b"", b"0")
 
 
 @lru_cache(maxsize=None)
@@ -2034,18 +2046,18 @@ def _params(values: tuple) -> mx.array:
 _DECODE_PARAMS = {}
 
 
-def _decode_params(head: tuple, window_slots: int, rows: tuple, target: int, max_segment: int):
-    """The params array of a decode-kernel call: `head` = (coded, scale, slots, first,
-    cap, NSEG), then the window's slots, the rows and the splits' bounds (`split_bounds`;
-    see PARTIAL_BODY for the layout), so that its length is 10 + len(rows) + splits.
-    Made once per step and shared by every layer; its key is short, since every layer
-    of a step hashes it."""
-    key = (*head, window_slots, *rows, target, max_segment)
+def _decode_params(key: tuple):
+    """The params array of a decode-kernel call, from `key` = (coded, scale, slots, first,
+    cap, NSEG, the window's slots, the rows..., target splits, max segment): the head,
+    the window's slots, the rows and the splits' bounds (`split_bounds`; see
+    PARTIAL_BODY for the layout), so that its length is 10 + len(rows) + splits. Made
+    once per step and shared by every layer (each builds and hashes the key)."""
     made = _DECODE_PARAMS.get(key)
     if made is None:
         if len(_DECODE_PARAMS) > 64:
             _DECODE_PARAMS.clear()
-        coded, scale, slots, first, cap, nseg = head
+        coded, scale, slots, first, cap, nseg, window_slots = key[:7]
+        rows, (target, max_segment) = key[7:-2], key[-2:]
         bounds = split_bounds(coded, target, rows[0], max_segment)
         splits = len(bounds) - 1
         values = (coded, 9 + len(rows), scale, slots, first, cap, splits, nseg, window_slots)
@@ -2108,9 +2120,9 @@ class DecodeCall(NamedTuple):
     rot: bool
     out_dtype: object
     nseg: int
-    before_codes: tuple  # key signs, segment scales, segment means
-    after_codes: tuple  # key and value codebooks
-    value_signs: mx.array
+    # The constant inputs before the queries: key signs, segment scales and means, key
+    # and value codebooks, value signs.
+    constants: tuple
     no_segments: mx.array  # stands in for the segment ids where a call has none
     no_window: mx.array  # stands in for the float16 window where a cache has none
     window: bool
@@ -2118,8 +2130,12 @@ class DecodeCall(NamedTuple):
     attend: object  # the kernels' calls (`_attend`), compiled on a GPU
 
 
-def _decode_call(queries: mx.array, cache, view, causal: int, backend: str) -> DecodeCall:
+def _decode_call(queries: mx.array, cache, view, mask, backend: str) -> Optional[DecodeCall]:
+    """The DecodeCall of this kind of call, or None where the kernels do not take it."""
+    if not _supports(queries, cache, mask, backend):
+        return None
     B, n_q_heads, L, D = queries.shape
+    causal = int(mask is not None and L > 1)
     _, n_kv, _, kw = view.packed_keys.shape
     vw = view.packed_values.shape[-1]
     win = int(view.window_keys is not None)
@@ -2146,9 +2162,10 @@ def _decode_call(queries: mx.array, cache, view, causal: int, backend: str) -> D
             cache.key_signs,
             _zeros(1, f32) if seg_scale is None else seg_scale,
             _zeros(1, f32) if seg_mean is None else seg_mean,
+            cache.key_centroids,
+            cache.value_centroids,
+            cache.value_signs,
         ),
-        (cache.key_centroids, cache.value_centroids),
-        cache.value_signs,
         _zeros(1, mx.uint8),
         _zeros(1, mx.float16),
         bool(win),
@@ -2165,37 +2182,59 @@ def fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend
     """softmax(scale q Kᵀ + mask) V over the packed cache (and its float16 window), for
     up to 8 query tokens: the partial kernel over splits of the slots, then the merge.
     Queries and output keep their [B, n_q_heads, L, D] shape: with GQA heads grouped per
-    KV head, that is the kernels' [B x n_kv, rows, D] layout, row r = g L + l.
+    KV head, that is the kernels' [B x n_kv, rows, D] layout, row r = g L + l. For calls
+    that `supports` accepts."""
+    out = try_fused_decode_attention(queries, cache, scale, mask, backend)
+    if out is None:
+        raise ValueError(
+            f"The fused decode kernels do not take queries of shape {queries.shape} with "
+            f"mask {mask!r} on this cache (see supports()); use turboquant_attention's "
+            "turboquant_scaled_dot_product_attention, which falls back to the reference."
+        )
+    return out
 
-    At batch 1 on a GPU the host's work of building a decode step bounds it, so what
-    stays fixed between steps (`DecodeCall`) is made once and kept with the cache's
-    other values derived from its key means (made anew when the means change), and the
-    kernels' graph is built by a compiled function (`_attend`)."""
+
+def try_fused_decode_attention(queries: mx.array, cache, scale: float, mask, backend: str):
+    """`fused_decode_attention`'s output, or None where the kernels do not take the call.
+
+    At batch 1 on a GPU the host's work of building a decode step bounds it, and inside a
+    model every Python operation here costs several times what it does in a loop of its
+    own: so what stays fixed between steps (`DecodeCall`, or None: not supported) is made
+    once and kept with the cache's other values derived from its key means (made anew
+    when the means change), one dictionary lookup a call, and the kernels' graph is
+    built by a compiled function (`_attend`)."""
+    if (cache.keys if cache.is_ring() else cache.packed_keys) is None:
+        return None  # nothing coded yet: all in the float16 window
     view = cache.kernel_view()
-    causal = int(mask is not None and queries.shape[2] > 1)
     no_window = view.window_keys is None
+    mask_kind = mask if mask is None or isinstance(mask, str) else type(mask)
     # (The module constants that shape a call are part of the key: benchmarks vary them.)
-    key = ("decode", backend, queries.shape, queries.dtype, causal, no_window)
+    key = ("decode", backend, queries.shape, queries.dtype, mask_kind, no_window)
     key += (TENSOR_CORES, THREADS, COMPILE_DECODE)
-    call = cache._derived(key, lambda: _decode_call(queries, cache, view, causal, backend))
-    target = TARGET_GROUPS // (call.groups * call.chunks)
-    segment_cuts = call.nseg > 1 and view.segments is None
-    head = (view.coded, scale, view.slots, view.first, view.packed_keys.shape[2], call.nseg)
-    window_slots = 0 if no_window else view.window_keys.shape[2]
-    max_segment = cache.max_segment if segment_cuts else 0
-    params = _decode_params(head, window_slots, view.rows, target, max_segment)
+    call = cache._derived(key, lambda: _decode_call(queries, cache, view, mask, backend))
+    if call is None:
+        return None
+    if no_window:
+        window_slots, window_keys, window_values = 0, call.no_window, call.no_window
+    else:
+        window_keys, window_values = view.window_keys, view.window_values
+        window_slots = window_keys.shape[2]
+    segments = view.segments
+    max_segment = cache.max_segment if call.nseg > 1 and segments is None else 0
+    params = _decode_params(
+        (view.coded, scale, view.slots, view.first, view.packed_keys.shape[2], call.nseg)
+        + (window_slots, *view.rows, TARGET_GROUPS // (call.groups * call.chunks), max_segment)
+    )
     return call.attend(
-        *call.before_codes,
-        *call.after_codes,
-        call.value_signs,
+        *call.constants,
         queries,
         view.packed_keys,
         view.key_norms,
         view.packed_values,
         view.value_norms,
-        call.no_segments if view.segments is None else view.segments,
-        call.no_window if no_window else view.window_keys,
-        call.no_window if no_window else view.window_values,
+        call.no_segments if segments is None else segments,
+        window_keys,
+        window_values,
         params,
     )
 
