@@ -305,6 +305,10 @@ def segment_stats(residuals, inv_hi, prev_mean, prev_scale, key_signs, scaling):
     return mean, mx.maximum(sigma, KEY_SCALE_FLOOR).astype(mx.float16)
 
 
+# What `_derived` finds for a name not derived yet (None is a value: no fused call).
+_NOT_DERIVED = object()
+
+
 class TurboQuantCodec:
     """What both TurboQuant caches share: the settings, the rotation and codebooks, and
     the quantization of new tokens.
@@ -378,9 +382,13 @@ class TurboQuantCodec:
         self._derived_means = {}  # per-step values derived from the means, reused
 
     def _derived(self, name, make):
-        if name not in self._derived_means:
-            self._derived_means[name] = make()
-        return self._derived_means[name]
+        # One hash of the name, not two: a decode call's is a tuple of shapes and dtypes,
+        # looked up in every layer of every step.
+        derived = self._derived_means
+        value = derived.get(name, _NOT_DERIVED)
+        if value is _NOT_DERIVED:
+            value = derived[name] = make()
+        return value
 
     def _setup(self, k_head_dim: int, v_head_dim: int):
         if k_head_dim != v_head_dim:

@@ -1523,7 +1523,8 @@ def metal_available() -> bool:
 
 def fused_backend() -> Optional[str]:
     """The backend the fused kernels run on now, or None (CPU, or forced reference)."""
-    if _forced_reference() or mx.default_device().type != mx.gpu:
+    # (`is`: DeviceType is an Enum, and its `!=` costs a decode step ~3 µs a layer.)
+    if _forced_reference() or mx.default_device().type is not mx.gpu:
         return None
     return _gpu_backend()
 
