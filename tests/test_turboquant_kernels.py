@@ -368,6 +368,24 @@ def test_dispatch_uses_reference_without_a_gpu_backend():
     assert not kernels.supports(q, filled_cache(1, 2, 50, 64, 3, window=64), None)
 
 
+def test_fused_attention_refuses_calls_the_kernels_do_not_take():
+    """fused_decode_attention on a call that supports() rejects names the problem and the
+    dispatch to use; try_fused_decode_attention returns None for it (the dispatch then
+    takes the reference), and neither changes the cache."""
+    windowed = filled_cache(1, 2, 50, 64, 3, window=64)  # nothing coded yet
+    cache = filled_cache(1, 2, 50, 64, 3)
+    long_block = mx.zeros((1, 4, 9, 64))  # a prefill-sized query block
+    for c, q, mask in [(windowed, mx.zeros((1, 4, 1, 64)), None), (cache, long_block, "causal")]:
+        offset = c.offset
+        assert not kernels.supports(q, c, mask)
+        assert kernels.try_fused_decode_attention(q, c, 0.125, mask, "cuda") is None
+        with pytest.raises(
+            ValueError, match=r"do not take queries of shape .*\(see supports\(\)\)"
+        ):
+            kernels.fused_decode_attention(q, c, 0.125, mask, "cuda")
+        assert c.offset == offset
+
+
 def test_reference_variable_is_read_at_each_call(monkeypatch):
     """MLX_LM_TURBO_REFERENCE is read from the environment's own dict (os.environ.get is
     slow for unset names): set, changed and removed at run time, as tests and benchmarks

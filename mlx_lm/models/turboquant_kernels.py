@@ -1971,12 +1971,17 @@ def supports(queries: mx.array, cache, mask, backend: Optional[str] = None) -> b
     """Whether the fused decode kernel handles this call (else: the reference path).
     Asked in every layer of every step: decided once per kind of call and kept with the
     cache's derived values (only whether anything is coded yet changes)."""
-    if (cache.keys if cache.is_ring() else cache.packed_keys) is None:
-        return False  # nothing coded yet: all in the float16 window
+    if not _holds_codes(cache):
+        return False
     backend = fused_backend() if backend is None else backend
     mask_kind = mask if mask is None or isinstance(mask, str) else type(mask)
     key = ("supports", backend, queries.shape, mask_kind)
     return cache._derived(key, lambda: _supports(queries, cache, mask, backend))
+
+
+def _holds_codes(cache) -> bool:
+    """Whether anything is coded yet (else every token is in the float16 window)."""
+    return (cache.keys if cache.is_ring() else cache.packed_keys) is not None
 
 
 def _supports(queries: mx.array, cache, mask, backend: Optional[str]) -> bool:
@@ -2204,8 +2209,8 @@ def try_fused_decode_attention(queries: mx.array, cache, scale: float, mask, bac
     once and kept with the cache's other values derived from its key means (made anew
     when the means change), one dictionary lookup a call, and the kernels' graph is
     built by a compiled function (`_attend`)."""
-    if (cache.keys if cache.is_ring() else cache.packed_keys) is None:
-        return None  # nothing coded yet: all in the float16 window
+    if not _holds_codes(cache):
+        return None
     view = cache.kernel_view()
     no_window = view.window_keys is None
     mask_kind = mask if mask is None or isinstance(mask, str) else type(mask)
