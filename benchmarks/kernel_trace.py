@@ -5,7 +5,9 @@ launches every op), so they cannot tell a kernel change that saves 10 µs a laye
 records what the GPU itself ran: PyTorch's profiler (CUPTI, which sees every CUDA kernel
 of the process, MLX's included) over `--steps` pipelined greedy steps after a prompt of
 each context, then per config the kernels per step, their summed device time per step
-(ms; "vs fp16" is FP16's over this) and the `--top` kernels by time (µs per step and
+(ms; "vs fp16" is FP16's over this), the time the GPU was busy (the union of the
+kernels' intervals: MLX's CUDA graph runs independent kernels at once, whose summed
+durations count the overlap twice) and the `--top` kernels by time (µs per step and
 per launch). Needs torch with CUDA next to MLX's CUDA backend (the GPU machine has both).
 
 With `--prefill`, the same over one chunked prefill of each context (per prefill, not
@@ -46,9 +48,23 @@ def kernel_name(name: str) -> str:
     return name[:70]
 
 
+def busy_us(gpu) -> float:
+    """µs during which at least one of the GPU events ran: their intervals' union. Less
+    than the summed durations where kernels overlap (a CUDA graph runs independent
+    kernels at once: the attention's first kernel needs only the queries, not the
+    step's new keys and values)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in gpu):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
 def summarize(events, steps: int, top: int):
-    """(kernels per step, device ms per step, [(name, launches per step, µs per step,
-    µs per launch)] of the `top` kernels by time) of a Chrome trace's GPU events."""
+    """(kernels per step, device ms per step, busy ms per step (`busy_us`), [(name,
+    launches per step, µs per step, µs per launch)] of the `top` kernels by time) of a
+    Chrome trace's GPU events."""
     gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in gpu:
@@ -57,7 +73,8 @@ def summarize(events, steps: int, top: int):
         entry[1] += e["dur"]
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     rows = [(n, c / steps, us / steps, us / c) for n, (c, us) in rows]
-    return len(gpu) / steps, sum(e["dur"] for e in gpu) / steps / 1e3, rows
+    device_ms = sum(e["dur"] for e in gpu) / steps / 1e3
+    return len(gpu) / steps, device_ms, busy_us(gpu) / steps / 1e3, rows
 
 
 def traced(run):
@@ -136,17 +153,21 @@ def main(argv=None):
         f"Model `{args.model}` on {mx.default_device()}; {what} per row; device time from "
         "CUPTI (PyTorch's profiler).",
         "",
-        f"| context | config | kernels / {unit} | device ms / {unit} | vs fp16 |",
-        "|---|---|---|---|---|",
+        f"| context | config | kernels / {unit} | device ms / {unit} | vs fp16 | busy ms / {unit} "
+        "| vs fp16 |",
+        "|---|---|---|---|---|---|---|",
     ]
     details = []
     for context in args.contexts:
         found = {}
         for name in args.configs:
             found[name] = summarize(events_of(CONFIGS[name], context), per, args.top)
-        for name, (count, ms, rows) in found.items():
-            ratio = found["fp16"][1] / ms
-            summary.append(f"| {context} | {name} | {count:.0f} | {ms:.2f} | {ratio:.2f}x |")
+        for name, (count, ms, busy, rows) in found.items():
+            ratio, busy_ratio = found["fp16"][1] / ms, found["fp16"][2] / busy
+            summary.append(
+                f"| {context} | {name} | {count:.0f} | {ms:.2f} | {ratio:.2f}x | {busy:.2f} "
+                f"| {busy_ratio:.2f}x |"
+            )
             details += [
                 "",
                 f"{name} at {context}:",

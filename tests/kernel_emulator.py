@@ -41,6 +41,7 @@ SHIM = r"""
 #define __shared__ static
 #define __device__
 struct dim3 { unsigned x, y, z; };
+struct float4 { float x, y, z, w; };
 static thread_local dim3 threadIdx, blockIdx;
 
 // A barrier that gives up after a while: a barrier or shuffle that only some threads

@@ -175,14 +175,16 @@ def test_kernel_trace_sums_device_time_per_step():
     """kernel_trace's summary of a Chrome trace: GPU events only, per step, by name."""
     trace = load("kernel_trace")
     events = [
-        {"cat": "kernel", "name": "void mlx::core::cu::qmv<8>(float*)", "dur": 30.0},
-        {"cat": "kernel", "name": "void mlx::core::cu::qmv<8>(float*)", "dur": 10.0},
-        {"cat": "kernel", "name": "mlx::core::cu::custom_kernel_turboquant_merge(f)", "dur": 6.0},
-        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "dur": 2.0},
-        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 500.0},  # host side
+        {"cat": "kernel", "name": "void mlx::core::cu::qmv<8>(float*)", "ts": 0.0, "dur": 30.0},
+        {"cat": "kernel", "name": "void mlx::core::cu::qmv<8>(float*)", "ts": 50.0, "dur": 10.0},
+        # runs while the second qmv does: 4 of its 6 µs add to the busy time
+        {"cat": "kernel", "name": "custom_kernel_turboquant_merge(f)", "ts": 58.0, "dur": 6.0},
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 100.0, "dur": 2.0},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0.0, "dur": 500.0},  # host
     ]
-    count, ms, rows = trace.summarize(events, steps=2, top=2)
+    count, ms, busy, rows = trace.summarize(events, steps=2, top=2)
     assert count == 2.0 and ms == (30 + 10 + 6 + 2) / 2 / 1e3
+    assert busy == (30 + 10 + 4 + 2) / 2 / 1e3
     assert rows == [("qmv<8>", 1.0, 20.0, 20.0), ("turboquant_merge", 0.5, 3.0, 6.0)]
     with pytest.raises(SystemExit, match="must include fp16"):
         trace.main(["--model", "random:smollm2-135m", "--configs", "tq3"])

@@ -667,6 +667,35 @@ if pytest is not None:
             kernels._specialised.cache_clear()
             kernels._decode_kernels.cache_clear()
 
+    @pytest.mark.parametrize(
+        "c",
+        [
+            case(4, 2, 700, D=64, scaling=True, window=16),
+            case(8, 2, 0, D=64, L=2, window=16, lengths=[700, 90, 400]),
+        ],
+    )
+    def test_emulated_merge_takes_the_splits_in_chunks(c, emulated, monkeypatch):
+        """The merge kernel reads the splits' maxima and sums SC at a time (a running
+        maximum across chunks) and sums every 4th split's output per thread: here chunks
+        of 3 splits over about 20 splits a row (32 slots a split), so that chunks, empty
+        splits of the shorter rows and counts that are not multiples of 4 all occur."""
+        sc = "constexpr int SC = D;"
+        chunked = kernels.MERGE_BODY.replace(sc, "constexpr int SC = 3;")
+        assert chunked != kernels.MERGE_BODY
+        monkeypatch.setattr(kernels, "MERGE_BODY", chunked)
+        monkeypatch.setattr(kernels, "MIN_TOKENS_PER_SPLIT", 32)
+        monkeypatch.setattr(kernels, "TARGET_GROUPS", 1024)
+        monkeypatch.setattr(kernels, "_DECODE_PARAMS", {})  # (its bounds: 128-slot splits)
+        kernels._specialised.cache_clear()
+        kernels._decode_kernels.cache_clear()
+        kernels.split_bounds.cache_clear()
+        try:
+            _check_case(c, emulated)
+        finally:
+            kernels._specialised.cache_clear()
+            kernels._decode_kernels.cache_clear()
+            kernels.split_bounds.cache_clear()
+
     def test_emulated_decode_across_a_new_key_mean_segment(emulated):
         """A decode call's fixed inputs (`DecodeCall`: the segment means and scales among
         them) are kept with the cache between steps and made anew when a token opens a
@@ -778,6 +807,7 @@ METAL_SHIM = """
 #define device
 #define threadgroup
 struct uint3 { unsigned x, y, z; };
+struct float4 { float x, y, z, w; };
 enum class mem_flags { mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
 inline void simdgroup_barrier(mem_flags) {}
@@ -813,6 +843,7 @@ CUDA_SHIM = """
 #define __shared__ static
 #define __device__
 struct dim3 { unsigned x, y, z; };
+struct float4 { float x, y, z, w; };
 static dim3 threadIdx, blockIdx;
 inline void __syncthreads() {}
 inline void __syncwarp() {}
@@ -1109,6 +1140,19 @@ def test_cuda_kernel_sources_go_through_include_files(tmp_path, monkeypatch):
     with open(head.split('"')[1]) as f:
         assert f.read() == kernels.compact_source(header)
     assert "tq_hadamard" in made["metal"][1] and "#include" not in made["metal"][0]
+
+
+def test_long_contexts_get_more_thread_groups():
+    """Decode splits aim at TARGET_GROUPS thread groups, and at long contexts (one group
+    per SLOTS_PER_LONG_GROUP coded slots) at up to LONG_TARGET_GROUPS."""
+    assert kernels.TARGET_GROUPS < kernels.LONG_TARGET_GROUPS
+    per_group = kernels.SLOTS_PER_LONG_GROUP
+    for groups in (4, 32):
+        short = kernels.TARGET_GROUPS * per_group // groups  # slots where growth begins
+        assert kernels.split_target(1024, groups) == kernels.TARGET_GROUPS // groups
+        assert kernels.split_target(short, groups) == kernels.TARGET_GROUPS // groups
+        assert kernels.split_target(2 * short, groups) == 2 * kernels.TARGET_GROUPS // groups
+        assert kernels.split_target(100 * short, groups) == kernels.LONG_TARGET_GROUPS // groups
 
 
 def test_split_bounds_cut_at_every_segment_start():

@@ -28,7 +28,8 @@ Measured on the H200 (Qwen2.5-7B shapes, one layer's attention, per call in one 
 128K 179 µs against 204 µs per lane, 8 x 32K 276 µs against 422 µs. Metal has no such
 instruction in this source and runs the per-lane path.
 
-A second small kernel merges the splits (flash-decoding), rotates the codes' part back
+A second small kernel merges the splits (flash-decoding: each split's maximum and sum read
+once, by one thread, its weight kept in shared memory), rotates the codes' part back
 (Π⁻¹, the same butterfly), attends to the float16 window itself (a few dozen FP16 keys
 and values per row) and merges that in, and writes the model's dtype. The window is not
 a split of the first kernel: its branches in the token loop made every code split
@@ -78,10 +79,16 @@ TENSOR_CORES = True
 # The context is split so that about TARGET_GROUPS thread groups run (a decode step at
 # batch 1 has only a few KV heads: without splits the GPU would idle), each with at
 # least MIN_TOKENS_PER_SPLIT tokens, and at every key-mean segment start
-# (`split_bounds`). Measured on the H200 (Qwen2.5-7B shapes, µs per layer for 256 /
-# 1024 groups): 8 x 32K 313 / 366, 128K 197 / 207, 4K and 32K within noise.
+# (`split_bounds`). Long contexts get up to LONG_TARGET_GROUPS, one per
+# SLOTS_PER_LONG_GROUP coded slots (of all the sequences' KV heads): a group's token
+# loop waits on its loads, and two groups an SM (256 on the H200's 132 SMs) leave half
+# of its warp slots idle. Measured on the H200 (Qwen2.5-7B shapes, device time per decode
+# step against FP16, 256 / 512 groups): 128K 0.96 / 0.98x, 8 x 32K 1.03 / 1.05x, but 32K
+# 0.97 / 0.94x (its splits' 256 tokens too few for a group's fixed cost).
 MIN_TOKENS_PER_SPLIT = 128
 TARGET_GROUPS = 256
+LONG_TARGET_GROUPS = 512
+SLOTS_PER_LONG_GROUP = 1024
 
 CUDA_PRELUDE = """
 #define TQ_SHARED __shared__
@@ -98,6 +105,7 @@ CUDA_PRELUDE = """
 #define TQ_SHARED_FLOATS float*
 #define TQ_AS_SHARED_FLOATS(p) reinterpret_cast<float*>(p)
 #define TQ_LOAD16(p) (*reinterpret_cast<const tq_frag*>(p))  // 16 bytes (8 halves)
+#define TQ_LOAD_FLOAT4(p) (*reinterpret_cast<const float4*>(p))
 #define TQ_WORD_AT(table, off) \\
   (*reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(table) + (off)))
 typedef __half half_t;
@@ -144,6 +152,7 @@ METAL_PRELUDE = """
 #define TQ_SHARED_FLOATS threadgroup float*
 #define TQ_AS_SHARED_FLOATS(p) ((threadgroup float*)(p))
 #define TQ_LOAD16(p) (*(const device tq_frag*)(p))
+#define TQ_LOAD_FLOAT4(p) (*(const device float4*)(p))
 #define TQ_WORD_AT(table, off) \\
   (*(threadgroup const uint32_t*)((threadgroup const char*)(table) + (off)))
 typedef half half_t;
@@ -992,23 +1001,71 @@ MERGE_BODY = """
   if (WIN) {
     qrow[d] = static_cast<float>(q[(size_t)row * D + d]);
   }
+  // The splits' merge (flash-decoding's combine): w_s = exp(m_s - top), den = Σ w_s l_s,
+  // num = Σ w_s o_s. Each split's max and sum are read once, by one thread (SC splits a
+  // chunk, a running top across chunks), its weight kept in shared memory; then every
+  // thread sums 4 dims (16-byte loads) of every 4th split, the 4 copies added in shared
+  // memory at the end. (Every thread reading every split's max, sum and output one at a
+  // time, 8 in flight, took 10.6 µs a call at 16K on the H200: its 64 splits were 16
+  // round trips to memory.)
+  constexpr int SC = D;
+  constexpr int QD = D / 4;  // threads per copy of the D dims
+  TQ_SHARED float weights[D];  // (SC <= D: tests take shorter chunks)
+  TQ_SHARED float copies[4 * D];
   const int entry = bh * splits * R + row % R;
-  // Unrolled, so that several splits' loads are in flight at once (one at a time, a
-  // long context's 64 splits waited on memory 64 times in each loop).
+  const int copy = d / QD;
+  const int dims4 = 4 * (d % QD);
   float top = -INFINITY;
-#pragma unroll 8
-  for (int s = 0; s < splits; s++) {
-    top = max(top, partial_max[entry + s * R]);
-  }
-  float num = 0.0f;
   float den = 0.0f;
+  float num4[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int c = 0; c < splits; c += SC) {
+    const int n = min(SC, splits - c);
+    const float ms = d < n ? partial_max[entry + (c + d) * R] : -INFINITY;
+    const float ls = d < n ? partial_sum[entry + (c + d) * R] : 0.0f;
+    const float chunk_max = tq_warp_max(ms);
+    if (lane == 0) {
+      red[warp] = chunk_max;
+    }
+    TQ_SYNC();
+    float m_new = top;
+    for (int u = 0; u < NW; u++) {
+      m_new = max(m_new, red[u]);
+    }
+    const float w = ms == -INFINITY ? 0.0f : TQ_EXP(ms - m_new);
+    weights[d] = w;
+    const float chunk_sum = tq_warp_sum(w * ls);
+    if (lane == 0) {
+      red[NW + warp] = chunk_sum;
+    }
+    TQ_SYNC();
+    float sum = 0.0f;
+    for (int u = 0; u < NW; u++) {
+      sum += red[NW + u];
+    }
+    const float alpha = top == -INFINITY ? 0.0f : TQ_EXP(top - m_new);
+    den = den * alpha + sum;
+    top = m_new;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+      num4[j] *= alpha;
+    }
 #pragma unroll 8
-  for (int s = 0; s < splits; s++) {
-    const int k = entry + s * R;
-    const float w = partial_max[k] == -INFINITY ? 0.0f : TQ_EXP(partial_max[k] - top);
-    num += w * partial_out[(size_t)k * D + d];
-    den += w * partial_sum[k];
+    for (int s = copy; s < n; s += 4) {
+      const float ws = weights[s];
+      const float4 o4 = TQ_LOAD_FLOAT4(partial_out + (size_t)(entry + (c + s) * R) * D + dims4);
+      num4[0] += ws * o4.x;
+      num4[1] += ws * o4.y;
+      num4[2] += ws * o4.z;
+      num4[3] += ws * o4.w;
+    }
+    TQ_SYNC();  // weights and red read before the next chunk writes them
   }
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    copies[copy * D + dims4 + j] = num4[j];
+  }
+  TQ_SYNC();
+  const float num = (copies[d] + copies[D + d]) + (copies[2 * D + d] + copies[3 * D + d]);
   float o = num;
   if (ROT) {
     h[d] = o;
@@ -2017,6 +2074,14 @@ def _rotates_inside(head_dim: int) -> bool:
     return head_dim & (head_dim - 1) == 0
 
 
+def split_target(coded: int, groups: int) -> int:
+    """Splits to aim for per (sequence, KV head, row chunk), `groups` of them, over
+    `coded` slots: TARGET_GROUPS thread groups in all, up to LONG_TARGET_GROUPS at long
+    contexts (one per SLOTS_PER_LONG_GROUP slots of all the groups)."""
+    long_target = min(LONG_TARGET_GROUPS, coded * groups // SLOTS_PER_LONG_GROUP)
+    return max(TARGET_GROUPS, long_target) // groups
+
+
 @lru_cache(maxsize=256)
 def split_bounds(coded: int, target: int, pad: int, max_segment: int) -> tuple:
     """Where the decode kernel's splits of slots [0, coded) begin and end: about `target`
@@ -2229,7 +2294,8 @@ def try_fused_decode_attention(queries: mx.array, cache, scale: float, mask, bac
     max_segment = cache.max_segment if call.nseg > 1 and segments is None else 0
     params = _decode_params(
         (view.coded, scale, view.slots, view.first, view.packed_keys.shape[2], call.nseg)
-        + (window_slots, *view.rows, TARGET_GROUPS // (call.groups * call.chunks), max_segment)
+        + (window_slots, *view.rows, split_target(view.coded, call.groups * call.chunks))
+        + (max_segment,)
     )
     return call.attend(
         *call.constants,
