@@ -258,6 +258,37 @@ TQ_FN float tq_warp_max(float x) {
   return x;
 }
 
+// Max and sum over a thread group of NW warps, every thread's x (every thread gets the
+// result): each warp's by shuffles, then the warps' through red[0..NW), after a barrier
+// (a second reduction before the next barrier takes other slots of red).
+template <int NW, typename Shared>
+TQ_FN float tq_group_max(float x, Shared red, int lane, int warp) {
+  const float m = tq_warp_max(x);
+  if (lane == 0) {
+    red[warp] = m;
+  }
+  TQ_SYNC();
+  float out = -INFINITY;
+  for (int u = 0; u < NW; u++) {
+    out = max(out, red[u]);
+  }
+  return out;
+}
+
+template <int NW, typename Shared>
+TQ_FN float tq_group_sum(float x, Shared red, int lane, int warp) {
+  const float s = tq_warp_sum(x);
+  if (lane == 0) {
+    red[warp] = s;
+  }
+  TQ_SYNC();
+  float out = 0.0f;
+  for (int u = 0; u < NW; u++) {
+    out += red[u];
+  }
+  return out;
+}
+
 // Elements p[0..8) as floats: float16 in one 16-byte load (p 16-byte aligned), others
 // one at a time.
 template <typename P, typename Out>
@@ -1022,26 +1053,10 @@ MERGE_BODY = """
     const int n = min(SC, splits - c);
     const float ms = d < n ? partial_max[entry + (c + d) * R] : -INFINITY;
     const float ls = d < n ? partial_sum[entry + (c + d) * R] : 0.0f;
-    const float chunk_max = tq_warp_max(ms);
-    if (lane == 0) {
-      red[warp] = chunk_max;
-    }
-    TQ_SYNC();
-    float m_new = top;
-    for (int u = 0; u < NW; u++) {
-      m_new = max(m_new, red[u]);
-    }
+    const float m_new = max(top, tq_group_max<NW>(ms, red, lane, warp));
     const float w = ms == -INFINITY ? 0.0f : TQ_EXP(ms - m_new);
     weights[d] = w;
-    const float chunk_sum = tq_warp_sum(w * ls);
-    if (lane == 0) {
-      red[NW + warp] = chunk_sum;
-    }
-    TQ_SYNC();
-    float sum = 0.0f;
-    for (int u = 0; u < NW; u++) {
-      sum += red[NW + u];
-    }
+    const float sum = tq_group_sum<NW>(w * ls, red + NW, lane, warp);
     const float alpha = top == -INFINITY ? 0.0f : TQ_EXP(top - m_new);
     den = den * alpha + sum;
     top = m_new;
@@ -1105,28 +1120,12 @@ MERGE_BODY = """
         }
       }
       // The chunk's max and sum over the group (a warp's, then the warps').
-      const float warp_max = tq_warp_max(x);
-      if (lane == 0) {
-        red[warp] = warp_max;
-      }
-      TQ_SYNC();
-      float m_new = wm;
-      for (int u = 0; u < NW; u++) {
-        m_new = max(m_new, red[u]);
-      }
+      const float m_new = max(wm, tq_group_max<NW>(x, red, lane, warp));
       const float pr = x == -INFINITY ? 0.0f : TQ_EXP(x - m_new);
       if (d % TS == 0 && token < CW) {
         probs[token] = pr;
       }
-      const float warp_sum = tq_warp_sum(d % TS == 0 ? pr : 0.0f);
-      if (lane == 0) {
-        red[NW + warp] = warp_sum;
-      }
-      TQ_SYNC();
-      float sum = 0.0f;
-      for (int u = 0; u < NW; u++) {
-        sum += red[NW + u];
-      }
+      const float sum = tq_group_sum<NW>(d % TS == 0 ? pr : 0.0f, red + NW, lane, warp);
       const float alpha = wm == -INFINITY ? 0.0f : TQ_EXP(wm - m_new);
       wl = wl * alpha + sum;
       wm = m_new;
