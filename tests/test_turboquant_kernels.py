@@ -670,14 +670,14 @@ if pytest is not None:
     @pytest.mark.parametrize(
         "c",
         [
-            case(4, 2, 700, D=64, scaling=True, window=16),
-            case(8, 2, 0, D=64, L=2, window=16, lengths=[700, 90, 400]),
+            case(4, 2, 420, D=64, scaling=True, window=16),
+            case(8, 2, 0, D=64, L=2, window=16, lengths=[420, 90, 250]),
         ],
     )
     def test_emulated_merge_takes_the_splits_in_chunks(c, emulated, monkeypatch):
         """The merge kernel reads the splits' maxima and sums SC at a time (a running
         maximum across chunks) and sums every 4th split's output per thread: here chunks
-        of 3 splits over about 20 splits a row (32 slots a split), so that chunks, empty
+        of 3 splits over about 12 splits a row (32 slots a split), so that chunks, empty
         splits of the shorter rows and counts that are not multiples of 4 all occur."""
         sc = "constexpr int SC = D;"
         chunked = kernels.MERGE_BODY.replace(sc, "constexpr int SC = 3;")
