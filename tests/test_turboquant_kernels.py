@@ -5,6 +5,7 @@ the dispatch is checked to fall back to the reference. On the GPU machine run
 `python tests/test_turboquant_kernels.py` (no pytest needed) or pytest.
 """
 
+import contextlib
 import os
 import sys
 
@@ -448,6 +449,23 @@ if pytest is not None:
     def test_fused_quantize_matches_reference(c):
         _check_quantize(*c)
 
+    @contextlib.contextmanager
+    def patched_merge_body(monkeypatch, old: str, new: str):
+        """The decode kernels built, for the block, from MERGE_BODY with `old` (which must
+        occur) replaced by `new`; the kernels and split bounds made before and during it
+        are dropped on both sides (tests also change the split constants)."""
+        patched = kernels.MERGE_BODY.replace(old, new)
+        assert patched != kernels.MERGE_BODY
+        monkeypatch.setattr(kernels, "MERGE_BODY", patched)
+        caches = (kernels._specialised, kernels._decode_kernels, kernels.split_bounds)
+        for made in caches:
+            made.cache_clear()
+        try:
+            yield
+        finally:
+            for made in caches:
+                made.cache_clear()
+
     @pytest.fixture(scope="module")
     def emulated():
         import kernel_emulator
@@ -655,17 +673,8 @@ if pytest is not None:
         across chunks, the next chunk's keys loaded while a chunk's values are summed;
         CW = 64 at head_dim 64): here chunks of 6 tokens, the last of a window mostly
         empty, and threads whose token lies past the chunk."""
-        cw = "constexpr int CW = D / TS;"
-        chunked = kernels.MERGE_BODY.replace(cw, "constexpr int CW = 6;")
-        assert chunked != kernels.MERGE_BODY
-        monkeypatch.setattr(kernels, "MERGE_BODY", chunked)
-        kernels._specialised.cache_clear()
-        kernels._decode_kernels.cache_clear()
-        try:
+        with patched_merge_body(monkeypatch, "constexpr int CW = D / TS;", "constexpr int CW = 6;"):
             _check_case(c, emulated)
-        finally:
-            kernels._specialised.cache_clear()
-            kernels._decode_kernels.cache_clear()
 
     @pytest.mark.parametrize(
         "c",
@@ -679,22 +688,11 @@ if pytest is not None:
         maximum across chunks) and sums every 4th split's output per thread: here chunks
         of 3 splits over about 12 splits a row (32 slots a split), so that chunks, empty
         splits of the shorter rows and counts that are not multiples of 4 all occur."""
-        sc = "constexpr int SC = D;"
-        chunked = kernels.MERGE_BODY.replace(sc, "constexpr int SC = 3;")
-        assert chunked != kernels.MERGE_BODY
-        monkeypatch.setattr(kernels, "MERGE_BODY", chunked)
         monkeypatch.setattr(kernels, "MIN_TOKENS_PER_SPLIT", 32)
         monkeypatch.setattr(kernels, "TARGET_GROUPS", 1024)
         monkeypatch.setattr(kernels, "_DECODE_PARAMS", {})  # (its bounds: 128-slot splits)
-        kernels._specialised.cache_clear()
-        kernels._decode_kernels.cache_clear()
-        kernels.split_bounds.cache_clear()
-        try:
+        with patched_merge_body(monkeypatch, "constexpr int SC = D;", "constexpr int SC = 3;"):
             _check_case(c, emulated)
-        finally:
-            kernels._specialised.cache_clear()
-            kernels._decode_kernels.cache_clear()
-            kernels.split_bounds.cache_clear()
 
     def test_emulated_decode_across_a_new_key_mean_segment(emulated):
         """A decode call's fixed inputs (`DecodeCall`: the segment means and scales among
@@ -747,17 +745,9 @@ if pytest is not None:
         """The emulated check can fail: a kernel that skips the oldest slot of the
         float16 window differs from the reference."""
         w_lo = "max(static_cast<int>(params[10 + 2 * (bh / HKV)]), first)"
-        broken = kernels.MERGE_BODY.replace(w_lo, w_lo + " + 1")
-        assert broken != kernels.MERGE_BODY
-        monkeypatch.setattr(kernels, "MERGE_BODY", broken)
-        kernels._specialised.cache_clear()
-        kernels._decode_kernels.cache_clear()
-        try:
+        with patched_merge_body(monkeypatch, w_lo, w_lo + " + 1"):
             with pytest.raises(AssertionError):
                 _check_case(case(4, 2, 300, L=3, D=64, window=16), emulated)
-        finally:
-            kernels._specialised.cache_clear()
-            kernels._decode_kernels.cache_clear()
 
 
 if __name__ == "__main__":
