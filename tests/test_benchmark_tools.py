@@ -266,3 +266,38 @@ def test_kernel_phases_marks_the_partial_kernel_and_reads_the_marks_back():
     if kernels.fused_backend() != "cuda":  # the CPU CI: the tool says what it needs
         with pytest.raises(SystemExit, match="needs MLX's CUDA backend"):
             phases.main(["--contexts", "1024"])
+
+
+def test_kernel_ab_swaps_the_decode_kernels_sources_and_names(tmp_path):
+    """A variant's HEADER, PARTIAL_BODY and MERGE_BODY are read from its file and build
+    the decode kernels under names of their own; None restores the module's."""
+    ab = load("kernel_ab")
+    from mlx_lm.models import turboquant_kernels as kernels
+
+    with open(kernels.__file__) as f:
+        text = f.read()
+    marked = text.replace("constexpr int NW = NT / 32;", "constexpr int NW = NT / 32;  // probe")
+    assert marked != text
+    path = tmp_path / "variant.py"
+    path.write_text(marked)
+    sources = ab.sources_of(str(path))
+    assert set(sources) == set(ab.SWAPPED)
+    assert "// probe" in sources["PARTIAL_BODY"] and sources["MERGE_BODY"] == kernels.MERGE_BODY
+    try:
+        ab.use("probe", sources)
+        assert "// probe" in kernels.kernel_sources("cuda")[1]
+        names = [k[0] for k in kernels.KERNELS]
+        assert names[:2] == ["turboquant_decode_partial_probe", "turboquant_decode_merge_probe"]
+        assert names[2:] == [k[0] for k in ab.MAIN_KERNELS[2:]]
+    finally:
+        ab.use(None, ab.MAIN)
+    assert kernels.KERNELS is ab.MAIN_KERNELS and kernels.PARTIAL_BODY == ab.MAIN["PARTIAL_BODY"]
+
+    (tmp_path / "other.py").write_text("HEADER = 'x'\n")
+    with pytest.raises(SystemExit, match="assigns no PARTIAL_BODY, MERGE_BODY"):
+        ab.sources_of(str(tmp_path / "other.py"))
+    with pytest.raises(SystemExit, match="give NAME=PATH"):
+        ab.main(["--model", "random:qwen2.5-7b", "--variant", str(path)])
+    if kernels.fused_backend() != "cuda":  # the CPU CI: the tool says what it needs
+        with pytest.raises(SystemExit, match="needs MLX's CUDA backend"):
+            ab.main(["--model", "random:qwen2.5-7b", "--variant", f"probe={path}"])
