@@ -44,7 +44,7 @@ PHASES = [
 # segments only.
 MARKS = [
     "    for (int i = tq_tid; i < RC * D; i += NT) {\n      const int e = i % D;",
-    "    if (ROT) {\n      for (int len = 1; len < D; len <<= 1) {",
+    "    if (ROT) {\n      // Strides 1..16 (index bits 0-4) by shuffles",
     "    // (Π(q∘σ_s))·M̃_s, a warp per row.",
     "    // (b, MMA) 32 tokens",
     "  if (MMA && (lane & 3) == 0) {",  # after the barrier that starts the warps' merge
