@@ -97,7 +97,11 @@ def main(argv=None):
     )
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--config", default="tq3", choices=sorted(c for c in CONFIGS if c.startswith("tq") and "ref" not in c))
+    p.add_argument(
+        "--config",
+        default="tq3",
+        choices=sorted(c for c in CONFIGS if c.startswith("tq") and "ref" not in c),
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="traced decode steps a round")
     p.add_argument("--output", help="also write the table to this file")
@@ -117,7 +121,9 @@ def main(argv=None):
         caches = {}
         for config in ("fp16", args.config):
             caches[config] = fresh_cache(model, CONFIGS[config])
-            synthetic_fill(model, caches[config], args.batch, context, CONFIGS[config].get("kv_bits"))
+            synthetic_fill(
+                model, caches[config], args.batch, context, CONFIGS[config].get("kv_bits")
+            )
 
         def run(config):
             cache = caches[config]
@@ -142,7 +148,9 @@ def main(argv=None):
         fp16_busy = statistics.median(r[2] for r in runs["fp16"])
         for name in variants:
             busy = statistics.median(r[2] for r in runs[name])
-            partial = statistics.median(per_call(r[3], "turboquant_decode_partial") for r in runs[name])
+            partial = statistics.median(
+                per_call(r[3], "turboquant_decode_partial") for r in runs[name]
+            )
             merge = statistics.median(per_call(r[3], "turboquant_decode_merge") for r in runs[name])
             rows.append(
                 f"| {context} | {name} | {partial:.2f} | {merge:.2f} | {busy:.3f} | "
