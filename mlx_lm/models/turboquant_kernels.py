@@ -326,6 +326,16 @@ TQ_FN int tq_segment_start(int s) {
   return s == 0 ? 0 : 32 << (2 * (s - 1));
 }
 
+// The Walsh-Hadamard butterfly's strides 1, 2, .. below min(n, 32) across a warp, lane l
+// holding coordinate l of each 32 (shuffles: no barrier); unnormalised.
+TQ_FN float tq_warp_butterfly(float x, int lane, int n) {
+  for (int m = 1; m < n && m < 32; m <<= 1) {
+    const float other = TQ_SHFL_XOR(x, m);
+    x = (lane & m) == 0 ? x + other : other - x;
+  }
+  return x;
+}
+
 // h <- H h / sqrt(D) (Sylvester Hadamard, as mx.hadamard_transform for powers of two): a
 // Walsh-Hadamard butterfly, thread d of D owning coordinate d, its strides below 32
 // within a warp (shuffles: no barrier), the others through shared memory. Callers
@@ -333,11 +343,7 @@ TQ_FN int tq_segment_start(int s) {
 // after.
 template <int D, typename Shared>
 TQ_FN void tq_hadamard(Shared h, int d) {
-  float x = h[d];
-  for (int m = 1; m < D && m < 32; m <<= 1) {
-    const float other = TQ_SHFL_XOR(x, m);
-    x = (d & m) == 0 ? x + other : other - x;
-  }
+  float x = tq_warp_butterfly(h[d], d & 31, D);
   for (int len = 32; len < D; len <<= 1) {
     TQ_SYNC();  // the previous stage's readers are done
     h[d] = x;
@@ -544,12 +550,8 @@ PARTIAL_BODY = """
       // the partial kernel took 0.3-1 µs less a call at 1K-16K, 6 at 128K, 10 at 8 x 32K.
       for (int i = warp; i < RC; i += NW) {
         for (int k = 0; k < DPL; k++) {
-          float x = qs[i * D + k * 32 + lane];
-          for (int m = 1; m < 32; m <<= 1) {
-            const float other = TQ_SHFL_XOR(x, m);
-            x = (lane & m) == 0 ? x + other : other - x;
-          }
-          qs[i * D + k * 32 + lane] = x;
+          const int at = i * D + k * 32 + lane;
+          qs[at] = tq_warp_butterfly(qs[at], lane, 32);
         }
       }
       TQ_SYNC();
