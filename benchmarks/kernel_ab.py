@@ -29,7 +29,7 @@ import mlx.core as mx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
 from kernel_trace import summarize, traced  # noqa: E402
-from step_split import fresh_cache, pipelined, synthetic_fill  # noqa: E402
+from step_split import greedy_step, pipelined, synthetic_cache  # noqa: E402
 
 from mlx_lm.models import turboquant_kernels as kernels  # noqa: E402
 
@@ -118,19 +118,13 @@ def main(argv=None):
     model = load_bench_model(args.model, False)
     rows = []
     for context in args.contexts:
-        caches = {}
-        for config in ("fp16", args.config):
-            caches[config] = fresh_cache(model, CONFIGS[config])
-            synthetic_fill(
-                model, caches[config], args.batch, context, CONFIGS[config].get("kv_bits")
-            )
+        caches = {
+            config: synthetic_cache(model, CONFIGS[config], args.batch, context)
+            for config in ("fp16", args.config)
+        }
 
         def run(config):
-            cache = caches[config]
-
-            def step(y):
-                return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
-
+            step = greedy_step(model, caches[config])
             y = mx.full((args.batch,), 100, mx.uint32)
             for _ in range(3):  # untimed: compiles the variant's kernels
                 y = step(y)

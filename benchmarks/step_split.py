@@ -57,24 +57,31 @@ def prefilled(model, config: dict, context: int, prefill_step: int = 2048):
     for start in range(0, context, prefill_step):
         logits = model(tokens[:, start : start + prefill_step], cache=cache)
         mx.eval(logits, [c.state for c in cache])
+    return greedy_step(model, cache), mx.argmax(logits[:, -1], axis=-1)
+
+
+def greedy_step(model, cache):
+    """The greedy decode step y -> next y of `model` over `cache` (y: a token per row)."""
 
     def step(y):
         return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
 
-    return step, mx.argmax(logits[:, -1], axis=-1)
+    return step
+
+
+def synthetic_cache(model, config: dict, batch: int, context: int):
+    """A fresh cache of `config` after kv_bench's synthetic fill of `batch` x `context`
+    random keys and values (no model run: 128K or 8 x 32K prefills of a 7B model cost
+    most of a GPU session)."""
+    cache = fresh_cache(model, config)
+    synthetic_fill(model, cache, batch, context, config.get("kv_bits"))
+    return cache
 
 
 def synthetic_prefilled(model, config: dict, batch: int, context: int):
-    """(greedy decode step, first y) after kv_bench's synthetic fill of `batch` x
-    `context` random keys and values (no model run: 128K or 8 x 32K prefills of a 7B
-    model cost most of a GPU session)."""
-    cache = fresh_cache(model, config)
-    synthetic_fill(model, cache, batch, context, config.get("kv_bits"))
-
-    def step(y):
-        return mx.argmax(model(y[:, None], cache=cache)[:, -1], axis=-1)
-
-    return step, mx.full((batch,), 100, mx.uint32)
+    """(greedy decode step, first y) after `synthetic_cache`'s fill."""
+    cache = synthetic_cache(model, config, batch, context)
+    return greedy_step(model, cache), mx.full((batch,), 100, mx.uint32)
 
 
 def split_prefill(model, config: dict, context: int, prefill_step: int = 2048):
