@@ -9,7 +9,11 @@ layout with these heads, a small MLP and vocabulary; timers around each layer's 
 update and attention): inside a model, between the other layers' work, every Python
 operation of the step costs several times what it does in a loop of its own (on the CPU
 machine the TurboQuant attention's pieces took 5-6 µs each there, against 0.4-1.3 µs in
-a loop), so this is the host time a decode step really spends.
+a loop), so this is the host time a decode step really spends. Its rows: the update,
+the attention and, within it, the decode kernels' call (`DecodeCall.attend`), and the
+whole step's model call, per layer. With `--real-kernels` (on a GPU) the real kernels
+run, each step is launched and waited for, and the launch (`mx.async_eval`) gets a row:
+a batch-1 step on the H200 took about its build plus its launch.
 
 With `--prefill-step N`, the same for a prefill of `--context` tokens in chunks of N: the
 host time to build each chunk's graph (update + causal attention), per chunk and in all.
@@ -19,6 +23,7 @@ A GPU runs a chunk's graph only once it is built, so this time adds to the prefi
     python benchmarks/host_bench.py --context 4096 --rounds 9 --output host.md
     python benchmarks/host_bench.py --context 16384 --prefill-step 2048 --rounds 5
     python benchmarks/host_bench.py --context 1024 --in-model 28 --rounds 21
+    python benchmarks/host_bench.py --context 1024 --in-model 28 --real-kernels
 """
 
 import argparse
@@ -65,8 +70,18 @@ def main(argv=None):
     p.add_argument(
         "--in-model", type=int, metavar="LAYERS", help="time them inside a model's decode steps"
     )
+    p.add_argument(
+        "--real-kernels",
+        action="store_true",
+        help="with --in-model on a GPU: the real kernels, each step run (adds its launch)",
+    )
     p.add_argument("--output")
     args = p.parse_args(argv)
+    if args.real_kernels and (not args.in_model or kernels.fused_backend() is None):
+        p.error(
+            "--real-kernels times the real decode kernels inside a model: it needs --in-model "
+            "and MLX's CUDA or Metal backend (none here: drop it for stand-in kernels)."
+        )
     if args.prefill_step is not None and not 0 < args.prefill_step <= args.context:
         p.error(
             f"--prefill-step must be a chunk length from 1 to --context ({args.context}), "
@@ -75,7 +90,8 @@ def main(argv=None):
 
     kernels.KERNEL_MAKERS["stand-in"] = ("cuda", lambda: stand_in_kernel)
     saved = turboquant_attention.fused_backend, turboquant_cache.fused_backend
-    turboquant_attention.fused_backend = turboquant_cache.fused_backend = lambda: "stand-in"
+    if not args.real_kernels:
+        turboquant_attention.fused_backend = turboquant_cache.fused_backend = lambda: "stand-in"
     try:
         if args.prefill_step:
             table = prefill_table(args)
@@ -196,7 +212,12 @@ def in_model_table(args) -> str:
     model.set_dtype(mx.float16)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
-    spent = {"update": 0.0, "attention": 0.0}
+    # "kernels' call": the decode kernels' (compiled) call, part of the attention.
+    # With real kernels each step is run: its graph built (the model call), then
+    # launched (`mx.async_eval` returning), as generate_step does; a batch-1 step on a
+    # GPU takes about their sum.
+    parts = ["update", "attention", "kernels' call", "step built", "step launched"]
+    spent = dict.fromkeys(parts, 0.0)
 
     def timed(part, f):
         def g(*a, **k):
@@ -206,6 +227,12 @@ def in_model_table(args) -> str:
             return out
 
         return g
+
+    def timed_decode_call(*a, **k):
+        call = make_decode_call(*a, **k)  # once per kind of call, not per step
+        return call if call is None else call._replace(attend=timed("kernels' call", call.attend))
+
+    make_decode_call = kernels._decode_call
 
     caches = {"fp16": make_prompt_cache(model), "tq3": make_prompt_cache(model, turbo_kv_bits=3)}
     k = mx.random.normal((1, H, args.context, D)).astype(mx.float16)
@@ -219,12 +246,20 @@ def in_model_table(args) -> str:
     steps = max(1, args.calls // 100)
     saved = qwen2.scaled_dot_product_attention
     qwen2.scaled_dot_product_attention = timed("attention", base.scaled_dot_product_attention)
+    kernels._decode_call = timed_decode_call
     try:
         for r in range(args.rounds + 1):  # interleaved; the first round untimed
             for name, cache in caches.items():
-                spent.update(update=0.0, attention=0.0)
+                spent.update(dict.fromkeys(parts, 0.0))
                 for _ in range(steps):
-                    model(token, cache=cache)
+                    tic = time.perf_counter()
+                    logits = model(token, cache=cache)
+                    built = time.perf_counter()
+                    spent["step built"] += built - tic
+                    if args.real_kernels:
+                        mx.async_eval(logits)
+                        spent["step launched"] += time.perf_counter() - built
+                        mx.eval(logits)
                     for layer in cache:
                         layer.trim(1)
                 for part, t in spent.items():
@@ -232,18 +267,24 @@ def in_model_table(args) -> str:
                         times[name, part].append(t / steps / layers * 1e6)
     finally:
         qwen2.scaled_dot_product_attention = saved
+        kernels._decode_call = make_decode_call
     us = {key: statistics.median(t) for key, t in times.items()}
+    shown = parts if args.real_kernels else parts[:-1]
     rows = [
         f"| {part} | {us['fp16', part]:.1f} | {us['tq3', part]:.1f} | "
-        f"{us['tq3', part] / us['fp16', part]:.2f}x |"
-        for part in spent
+        + (f"{us['tq3', part] / us['fp16', part]:.2f}x |" if us["fp16", part] else "- |")
+        for part in shown
     ]
+    run = "each step run" if args.real_kernels else "graphs built, nothing run"
+    kernels_used = f"{kernels.fused_backend()} kernels" if args.real_kernels else "stand-in kernels"
     return "\n".join(
         [
             f"Host µs per layer inside the decode steps of a {layers}-layer model (Qwen2 "
-            f"layout, {args.heads} query / {H} KV heads, head_dim {D}; graphs built, nothing "
-            f"run), context {args.context}, TurboQuant 3 bits with the defaults; median of "
-            f"{args.rounds} interleaved rounds x {steps} steps.",
+            f"layout, {args.heads} query / {H} KV heads, head_dim {D}; {kernels_used}, {run}), "
+            f"context {args.context}, TurboQuant 3 bits with the defaults; median of "
+            f"{args.rounds} interleaved rounds x {steps} steps. Step built: the model call"
+            + (", launched: `mx.async_eval`;" if args.real_kernels else ";")
+            + " per layer.",
             "",
             "| part | fp16 | tq3 | tq3 / fp16 |",
             "|---|---|---|---|",

@@ -123,10 +123,22 @@ def test_host_bench_times_update_and_attention_inside_a_model(tmp_path):
     assert qwen2.scaled_dot_product_attention is attention
     text = out.read_text()
     assert "inside the decode steps of a 2-layer model" in text
-    for part in ("update", "attention"):
+    for part in ("update", "attention", "step built"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {part} |"))
         fp16, tq3 = (float(x) for x in row.split("|")[2:4])
         assert fp16 > 0 and tq3 > 0
+    row = next(line for line in text.splitlines() if line.startswith("| kernels' call |"))
+    assert float(row.split("|")[3]) > 0  # the decode call's timer was on the fused path
+    assert kernels._decode_call.__name__ == "_decode_call"  # put back
+    assert "| step launched |" not in text  # stand-in kernels: nothing launched
+
+
+def test_host_bench_refuses_real_kernels_without_a_gpu_or_a_model(capsys):
+    with pytest.raises(SystemExit):
+        load("host_bench").main(["--context", "300", "--real-kernels"])
+    assert "--real-kernels times the real decode kernels inside a model" in (
+        capsys.readouterr().err
+    )
 
 
 def test_step_split_times_every_part_of_a_decode_step(tmp_path):
