@@ -19,6 +19,7 @@ building, its launching, or the device.
         --steps 64 --rounds 2 --output split.md
     python benchmarks/step_split.py --model random:qwen2.5-7b --contexts 4096 16384 \\
         --prefill --rounds 3
+    python benchmarks/step_split.py --model random:qwen2.5-7b --contexts 131072 --synthetic
 """
 
 import argparse
@@ -114,11 +115,15 @@ def pipelined(step, y, steps: int):
     return y
 
 
-def split_step(model, config: dict, context: int, steps: int):
+def split_step(model, config: dict, context: int, steps: int, synthetic: bool = False):
     """(pipelined ms per step, build ms, launch ms, wait ms) after a prompt of `context`
-    random tokens: launch is `mx.async_eval` returning (the host submitting the built
-    graph's ops), wait what evaluation takes after that."""
-    step, y = prefilled(model, config, context)
+    random tokens (`synthetic`: kv_bench's synthetic fill instead): launch is
+    `mx.async_eval` returning (the host submitting the built graph's ops), wait what
+    evaluation takes after that."""
+    if synthetic:
+        step, y = synthetic_prefilled(model, config, 1, context)
+    else:
+        step, y = prefilled(model, config, context)
     mx.eval(step(y))  # untimed: it may compile kernels for a new shape
     mx.synchronize()
     tic = time.perf_counter()
@@ -165,6 +170,9 @@ def main(argv=None):
     p.add_argument("--prefill", action="store_true", help="split chunked prefills instead")
     p.add_argument("--prefill-step-size", type=int, default=2048)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--synthetic", action="store_true", help="decode after a synthetic fill, not a prefill"
+    )
     args = parse_against_fp16(p, argv)
 
     model = load_bench_model(args.model, args.dequantize)
@@ -181,7 +189,7 @@ def main(argv=None):
         what, first = f"{args.steps} steps per part; ms per step", "pipelined"
 
         def split(config, context):
-            return split_step(model, config, context, args.steps)
+            return split_step(model, config, context, args.steps, args.synthetic)
 
     lines = [
         f"Model `{args.model}` on {mx.default_device()}; {what}, median of {args.rounds} "

@@ -156,6 +156,24 @@ def test_step_split_times_every_part_of_a_decode_step(tmp_path):
     assert all(float(r[5]) >= 0 for r in rows)  # launch: on the CPU it may round to 0
 
 
+def test_step_split_decodes_after_a_synthetic_fill(tmp_path, monkeypatch):
+    """With --synthetic, the caches are filled by kv_bench's synthetic fill (no prefill
+    runs the model) before the steps are split."""
+    split = load("step_split")
+    filled = []
+    fill = split.synthetic_fill
+    monkeypatch.setattr(
+        split, "synthetic_fill", lambda *a: filled.append(a[3]) or fill(*a)  # the context
+    )
+    monkeypatch.setattr(split, "prefilled", None)  # a prefill would fail
+    out = tmp_path / "split.md"
+    args = ["--model", "random:smollm2-135m", "--dequantize", "--contexts", "40", "--synthetic"]
+    split.main(args + ["--steps", "2", "--rounds", "1", "--output", str(out)])
+    assert filled == [40, 40]
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| 40 ")]
+    assert [r[1] for r in rows] == ["fp16", "tq3"]
+
+
 def test_step_split_splits_a_chunked_prefill(tmp_path, monkeypatch):
     """step_split --prefill sums each chunk's build, launch and wait over a prefill
     (timed after a warm-up prefill of one chunk), its total their sum."""
