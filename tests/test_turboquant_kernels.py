@@ -445,6 +445,32 @@ if pytest is not None:
                 assert mx.array_equal(out[0], out[1])
 
     @needs_gpu
+    def test_layers_share_one_compiled_decode_call(monkeypatch):
+        """Caches of different layers (their own rotations and key means) whose calls
+        have one kernel layout share one compiled function, and each still gets its own
+        output: the plain calls', bitwise."""
+        mx.random.seed(1)
+        caches = [
+            TurboQuantKVCache(3, 3, layer_idx=i, key_scaling=True, fp16_window=64) for i in range(3)
+        ]
+        for cache in caches:
+            cache.update_and_fetch(*mx.random.normal((2, 1, 4, 700, 128)).astype(mx.float16))
+        q = mx.random.normal((1, 28, 1, 128)).astype(mx.float16)
+        calls = []
+        for cache in caches:
+            out = []
+            for compiled in (True, False):
+                monkeypatch.setattr(kernels, "COMPILE_DECODE", compiled)
+                out.append(kernels.fused_decode_attention(q, cache, 128**-0.5, None, BACKEND))
+                if compiled:
+                    made = cache._derived_means.items()
+                    calls += [
+                        v for k, v in made if isinstance(k, tuple) and k[0] == "decode" and k[-2]
+                    ]
+            assert mx.array_equal(out[0], out[1])
+        assert len(calls) == 3 and len({id(call.attend) for call in calls}) == 1
+
+    @needs_gpu
     @pytest.mark.parametrize("c", QUANTIZE_CASES)
     def test_fused_quantize_matches_reference(c):
         _check_quantize(*c)
