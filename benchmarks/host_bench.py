@@ -228,11 +228,11 @@ def in_model_table(args) -> str:
 
         return g
 
+    make_decode_call = kernels._decode_call
+
     def timed_decode_call(*a, **k):
         call = make_decode_call(*a, **k)  # once per kind of call, not per step
         return call if call is None else call._replace(attend=timed("kernels' call", call.attend))
-
-    make_decode_call = kernels._decode_call
 
     caches = {"fp16": make_prompt_cache(model), "tq3": make_prompt_cache(model, turbo_kv_bits=3)}
     k = mx.random.normal((1, H, args.context, D)).astype(mx.float16)
