@@ -218,6 +218,33 @@ def test_gemma3_config_and_weights(gemma3):
 # ------------------------------------------------------------------------------ tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def gguf_parsed_once():
+    """While this module's tests run, every `gguf.GGUFReader` of a file is the first one
+    made: transformers' GGUF loader parses a file's metadata for its config, again for
+    its weights and again for a tokenizer, and Gemma 3's (its 262K-token vocabulary, a
+    numpy view per string) took about 30 s a parse on the CI machine. The readers are
+    only read; they are dropped with the module."""
+    try:
+        import gguf
+    except ImportError:  # (the tests that need it skip)
+        yield
+        return
+    made, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (os.path.realpath(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = made(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield readers
+    finally:
+        gguf.GGUFReader = made
+
+
 def _hf_tokenizer(path):
     from transformers import AutoTokenizer
 
