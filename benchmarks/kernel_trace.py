@@ -33,11 +33,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
 from step_split import (  # noqa: E402
     config_parser,
+    decode_start,
     parse_against_fp16,
     pipelined,
-    prefilled,
     split_prefill,
-    synthetic_prefilled,
 )
 
 
@@ -96,10 +95,7 @@ def traced(run):
 def traced_steps(model, config: dict, context: int, steps: int, batch=1, synthetic=False):
     """The Chrome-trace events of `steps` pipelined decode steps after the prompt (or a
     synthetic fill of `batch` sequences)."""
-    if synthetic:
-        step, y = synthetic_prefilled(model, config, batch, context)
-    else:
-        step, y = prefilled(model, config, context)
+    step, y = decode_start(model, config, context, batch, synthetic)
     for _ in range(4):  # untimed: compiles kernels for new shapes
         y = step(y)
         mx.eval(y)

@@ -24,10 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from generate_bench import CONFIGS, load_bench_model, print_table  # noqa: E402
 from step_split import (  # noqa: E402
     config_parser,
+    decode_start,
     parse_against_fp16,
     pipelined,
-    prefilled,
-    synthetic_prefilled,
 )
 
 
@@ -83,10 +82,7 @@ def main(argv=None):
     for context in args.contexts:
         steppers = {}
         for name in args.configs:
-            if args.prefill:
-                step, y = prefilled(model, CONFIGS[name], context)
-            else:
-                step, y = synthetic_prefilled(model, CONFIGS[name], args.batch, context)
+            step, y = decode_start(model, CONFIGS[name], context, args.batch, not args.prefill)
             mx.eval(step(y))  # untimed: it may compile kernels for a new shape
             steppers[name] = [step, y]
         rates = block_rates(steppers, args.blocks, args.block_steps)

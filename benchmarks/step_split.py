@@ -85,6 +85,14 @@ def synthetic_prefilled(model, config: dict, batch: int, context: int):
     return greedy_step(model, cache), mx.full((batch,), 100, mx.uint32)
 
 
+def decode_start(model, config: dict, context: int, batch: int = 1, synthetic: bool = False):
+    """(greedy decode step, first y) after `context` tokens: kv_bench's synthetic fill of
+    `batch` sequences (`synthetic`), else a prefill of random tokens (batch 1)."""
+    if synthetic:
+        return synthetic_prefilled(model, config, batch, context)
+    return prefilled(model, config, context)
+
+
 def split_prefill(model, config: dict, context: int, prefill_step: int = 2048):
     """(ms in all, build ms, launch ms, wait ms) of a prefill of `context` random tokens
     in chunks of `prefill_step` into a fresh cache of `config`, each chunk's parts summed:
@@ -120,10 +128,7 @@ def split_step(model, config: dict, context: int, steps: int, synthetic: bool = 
     random tokens (`synthetic`: kv_bench's synthetic fill instead): launch is
     `mx.async_eval` returning (the host submitting the built graph's ops), wait what
     evaluation takes after that."""
-    if synthetic:
-        step, y = synthetic_prefilled(model, config, 1, context)
-    else:
-        step, y = prefilled(model, config, context)
+    step, y = decode_start(model, config, context, synthetic=synthetic)
     mx.eval(step(y))  # untimed: it may compile kernels for a new shape
     mx.synchronize()
     tic = time.perf_counter()

@@ -240,7 +240,7 @@ def gguf_parsed_once():
 
     gguf.GGUFReader = reader
     try:
-        yield readers
+        yield
     finally:
         gguf.GGUFReader = made
 
