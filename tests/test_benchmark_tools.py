@@ -53,11 +53,17 @@ def test_attention_bench_chains_its_calls():
 def test_kernel_resources_builds_every_decode_kernel_and_says_when_nvcc_is_missing(monkeypatch):
     resources = load("kernel_resources")
     plans = resources.decode_plans()
-    assert [label for label, _ in plans] == ["qwen2.5-7b mma", "qwen2.5-7b per-lane", "gemma3 mma"]
+    assert [label for label, _ in plans] == [
+        "qwen2.5-7b mma",
+        "qwen2.5-7b mma, long calls",
+        "qwen2.5-7b per-lane",
+        "gemma3 mma",
+    ]
     source = resources.translation_unit(plans[0][1])
     assert 'extern "C" __global__ void turboquant_decode_partial(const __half* q' in source
-    assert "constexpr int MMA = 1;" in source
-    assert "constexpr int MMA = 0;" in resources.translation_unit(plans[1][1])
+    assert "constexpr int MMA = 1;" in source and "__launch_bounds__" not in source
+    assert "__launch_bounds__(128, 4)" in resources.translation_unit(plans[1][1])
+    assert "constexpr int MMA = 0;" in resources.translation_unit(plans[2][1])
     monkeypatch.setattr(resources.shutil, "which", lambda name: None)
     monkeypatch.setattr(resources.os.path, "exists", lambda path: False)
     with pytest.raises(SystemExit, match="needs CUDA's nvcc"):

@@ -308,6 +308,36 @@ def _check_dequantize(c, backend=BACKEND, T=100, dtypes=(mx.float32, mx.float16)
     return worst
 
 
+def _check_long_calls(c, backend, monkeypatch):
+    """Calls of more than LONG_KERNEL_GROUPS thread groups (here: every call) run the
+    partial kernel compiled with launch bounds (its template's MINB): the same logic,
+    so the same results as the reference."""
+    flavour, make = kernels.KERNEL_MAKERS[backend]
+    names = []
+
+    def recording(name, **kw):
+        kernel = make()(name=name, **kw)
+
+        def call(**args):
+            names.append(name)
+            return kernel(**args)
+
+        return call
+
+    monkeypatch.setitem(kernels.KERNEL_MAKERS, backend, (flavour, lambda: recording))
+    monkeypatch.setattr(kernels, "LONG_KERNEL_GROUPS", 0)
+    monkeypatch.setattr(kernels, "_COMPILED_ATTENDS", {})
+    kernels._specialised.cache_clear()
+    kernels._decode_kernels.cache_clear()
+    try:
+        _check_case(c, backend)
+    finally:
+        kernels._specialised.cache_clear()
+        kernels._decode_kernels.cache_clear()
+    partials = [n for n in names if n.startswith("turboquant_decode_partial")]
+    assert partials and all(n.endswith("_MINB4") for n in partials)
+
+
 def real_attention_inputs(model, tokens, layers):
     """{layer: (queries of every position, keys, values, scale)} of a real model over
     `tokens`: keys and values from its FP16 cache (after RoPE and any key norm), queries
@@ -423,6 +453,11 @@ if pytest is not None:
         _check_case(c)
 
     @needs_gpu
+    @pytest.mark.parametrize("c", [CASES[i] for i in (3, 11, 12, 17)])
+    def test_fused_long_calls_take_the_bounded_kernel(c, monkeypatch):
+        _check_long_calls(c, BACKEND, monkeypatch)
+
+    @needs_gpu
     def test_compiled_decode_graph_matches_plain(monkeypatch):
         """On a GPU a decode call's graph comes from a compiled function, traced again
         when an input's shape changes (the number of splits, a grown buffer): decode
@@ -503,6 +538,10 @@ if pytest is not None:
         runs."""
         monkeypatch.setattr(kernels, "TENSOR_CORES", tensor_cores)
         _check_case(c, emulated)
+
+    @pytest.mark.parametrize("c", [EMULATED_CASES[2], EMULATED_CASES[7]], ids=["window", "batch"])
+    def test_emulated_long_calls_take_the_bounded_kernel(c, emulated, monkeypatch):
+        _check_long_calls(c, emulated, monkeypatch)
 
     @pytest.mark.slow
     def test_emulated_kernel_on_real_smollm2_layer(emulated, smollm2, prose):
@@ -1151,6 +1190,50 @@ def test_cuda_kernel_sources_go_through_include_files(tmp_path, monkeypatch):
     with open(head.split('"')[1]) as f:
         assert f.read() == kernels.compact_source(header)
     assert "tq_hadamard" in made["metal"][1] and "#include" not in made["metal"][0]
+
+
+def test_partial_kernel_has_launch_bounds_for_long_calls(monkeypatch):
+    """The tensor-core partial kernel's long form (head_dim <= 128, one row tile) has a
+    MINB template whose CUDA header ends by redefining __global__ with launch bounds
+    (MLX writes the kernel's declaration after the header); Metal's header is left
+    as it is, and head_dim 256, whose kernel holds about 234 registers, gets no bounds."""
+    monkeypatch.setattr(kernels, "INCLUDE_SOURCES", False)
+    made = {}
+
+    def recorder(flavour):
+        def make(name, input_names, output_names, source, header):
+            made[flavour, name] = header
+            return name
+
+        return make
+
+    for flavour in ("cuda", "metal"):
+        monkeypatch.setitem(
+            kernels.KERNEL_MAKERS, "record-" + flavour, (flavour, lambda f=flavour: recorder(f))
+        )
+    flags = (1, 0, 1, 0)
+    try:
+        short, long, _, _ = kernels._decode_kernels(
+            "record-cuda", mx.float16, 128, 28, 4, 1, 3, 3, 12, 12, 8, flags, True
+        )
+        assert long == short + "_MINB4"
+        bounds = "#define __global__ __location__(global) __launch_bounds__(128, 4)"
+        assert bounds in made["cuda", long] and "__launch_bounds__" not in made["cuda", short]
+        assert made["cuda", long].index("#undef __global__") > made["cuda", long].index("tq_mma")
+        short, long, _, _ = kernels._decode_kernels(
+            "record-cuda", mx.float16, 256, 4, 1, 1, 3, 3, 24, 24, 8, flags, True
+        )
+        assert long == short
+        # The per-lane kernel (Metal's, and CUDA's without tensor cores) has none.
+        short, long, _, _ = kernels._decode_kernels(
+            "record-metal", mx.float16, 128, 28, 4, 1, 3, 3, 12, 12, 8, flags, False
+        )
+        assert long == short
+        kernels._specialised("record-metal", 0, (("NT", 128), ("MINB", 4)))
+        assert "__launch_bounds__" not in made["metal", "turboquant_decode_partial_NT128_MINB4"]
+    finally:
+        kernels._specialised.cache_clear()
+        kernels._decode_kernels.cache_clear()
 
 
 def test_long_contexts_get_more_thread_groups():

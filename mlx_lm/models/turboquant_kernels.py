@@ -89,6 +89,16 @@ MIN_TOKENS_PER_SPLIT = 128
 TARGET_GROUPS = 256
 LONG_TARGET_GROUPS = 512
 SLOTS_PER_LONG_GROUP = 1024
+# Calls of more than LONG_KERNEL_GROUPS thread groups run the tensor-core partial kernel
+# compiled for LONG_KERNEL_MIN_GROUPS groups an SM (`__launch_bounds__`: 128 registers
+# at head_dim 128). Unbounded, NVRTC gives it 164 registers, three groups an SM: the
+# 512-group calls of long contexts ran in 1.3 waves, two warps a scheduler. Measured on
+# the H200 (Qwen2.5-7B shapes, µs a call, unbounded / bounded): 128K 69.0 / 54.8, 8 x 32K
+# 112.5 / 103.5, but 1K 14.5 / 15.4 and 16K 19.0 / 20.0 (up to 256 groups, which fit
+# three an SM, lose the registers and gain nothing). 396: three groups on each of the
+# H200's (and H100's) 132 SMs.
+LONG_KERNEL_GROUPS = 3 * 132
+LONG_KERNEL_MIN_GROUPS = 4
 
 CUDA_PRELUDE = """
 #define TQ_SHARED __shared__
@@ -1669,6 +1679,9 @@ def _specialised(backend: str, index: int, template: tuple):
             consts += f"constexpr int {key} = {int(value)};\n"
             tag += f"_{key}{int(value)}"
     name, inputs, outputs = KERNELS[index]
+    bounds = dict(template).get("MINB", 0)
+    if flavour == "cuda" and bounds:
+        header += CUDA_LAUNCH_BOUNDS.format(threads=dict(template)["NT"], groups=bounds)
     source, header = compact_source(consts + bodies[index]), compact_source(header)
     if flavour == "cuda" and INCLUDE_SOURCES:
         source, header = _included(source), _included(header)
@@ -1679,6 +1692,18 @@ def _specialised(backend: str, index: int, template: tuple):
         source=source,
         header=header,
     )
+
+
+# A template's MINB (thread groups an SM) as launch bounds. MLX's cuda_kernel writes the
+# kernel's declaration itself, right after the header, and takes no launch bounds or
+# compiler options: so the header's last lines redefine __global__ as CUDA's
+# host_defines.h spells it, plus __launch_bounds__ (the only kernel declared after them).
+CUDA_LAUNCH_BOUNDS = """
+#if defined(__CUDACC__)
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__({threads}, {groups})
+#endif
+"""
 
 
 # CUDA kernels reach MLX as `#include` lines of files holding their text (`_included`):
@@ -2187,11 +2212,18 @@ def _decode_plan(D, n_q_heads, n_kv, L, key_bits, value_bits, kw, vw, max_segmen
 
 @lru_cache(maxsize=None)
 def _decode_kernels(backend: str, out_dtype, *plan):
-    """(partial kernel, merge kernel, row chunks) for `_decode_plan(*plan)`, made once: a
-    decode step asks in every layer, and at batch 1 its host time is the step's."""
+    """(partial kernel, its long-call form, merge kernel, row chunks) for
+    `_decode_plan(*plan)`, made once: a decode step asks in every layer, and at batch 1
+    its host time is the step's. The long form has launch bounds (LONG_KERNEL_GROUPS)
+    where the tensor-core kernel's registers allow them (head_dim <= 128, one row tile),
+    else it is the partial kernel itself."""
     partial, merge, chunks = _decode_plan(*plan)
     merge = merge + [("out_t", out_dtype)]
-    return _specialised(backend, 0, tuple(partial)), _specialised(backend, 1, tuple(merge)), chunks
+    short = long = _specialised(backend, 0, tuple(partial))
+    template = dict(partial)
+    if template["MMA"] and template["D"] <= 128 and template["RC"] <= 8:
+        long = _specialised(backend, 0, tuple(partial + [("MINB", LONG_KERNEL_MIN_GROUPS)]))
+    return short, long, _specialised(backend, 1, tuple(merge)), chunks
 
 
 class DecodeCall(NamedTuple):
@@ -2200,6 +2232,7 @@ class DecodeCall(NamedTuple):
     their layout, and the constant inputs around the cache's buffers."""
 
     partial: object
+    partial_long: object  # for calls of more than LONG_KERNEL_GROUPS thread groups
     merge: object
     chunks: int
     rows: int
@@ -2232,12 +2265,13 @@ def _decode_call(queries: mx.array, cache, view, mask, backend: str) -> Optional
     mma = tensor_cores(backend, D, cache.key_bits, cache.value_bits)
     out_dtype = queries.dtype if rot else mx.float32
     plan = (D, n_q_heads, n_kv, L, cache.key_bits, cache.value_bits, kw, vw)
-    partial, merge, chunks = _decode_kernels(
+    partial, partial_long, merge, chunks = _decode_kernels(
         backend, out_dtype, *plan, cache.max_segment, flags, mma
     )
     f32 = mx.float32
     call = DecodeCall(
         partial,
+        partial_long,
         merge,
         chunks,
         n_q_heads // n_kv * L,
@@ -2366,7 +2400,10 @@ def _attend(call: DecodeCall, *arrays):
         # The merge scores the window's float16 keys against the model-domain queries
         # (rotations keep dot products) and sums its values in the codes' domain.
         window_values = rotate(window_values, value_signs)
-    out, m, s = call.partial(
+    partial = (
+        call.partial_long if groups * call.chunks * splits > LONG_KERNEL_GROUPS else call.partial
+    )
+    out, m, s = partial(
         inputs=[
             q,
             key_signs,
