@@ -73,7 +73,7 @@ def decode_plans():
 def translation_unit(template) -> str:
     header, partial, *_ = kernels.kernel_sources("cuda")
     name, inputs, outputs = kernels.KERNELS[0]
-    consts = "".join(f"constexpr int {k} = {int(v)};\n" for k, v in template)
+    consts = "".join(f"constexpr int {k} = {int(v)};\n" for k, v in template if k != "MINB")
     bounds = dict(template).get("MINB", 0)
     if bounds:  # as `_specialised` writes them
         header += kernels.CUDA_LAUNCH_BOUNDS.format(threads=dict(template)["NT"], groups=bounds)

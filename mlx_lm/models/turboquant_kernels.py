@@ -1675,13 +1675,14 @@ def _specialised(backend: str, index: int, template: tuple):
         if isinstance(value, mx.Dtype):
             consts += f"typedef {names[value]} {key};\n"
             tag += f"_{key}{names[value].strip('_')}"
+        elif key == "MINB":  # launch bounds, not read by the body (CUDA only)
+            tag += f"_{key}{int(value)}"
+            if flavour == "cuda":
+                header += CUDA_LAUNCH_BOUNDS.format(threads=dict(template)["NT"], groups=value)
         else:
             consts += f"constexpr int {key} = {int(value)};\n"
             tag += f"_{key}{int(value)}"
     name, inputs, outputs = KERNELS[index]
-    bounds = dict(template).get("MINB", 0)
-    if flavour == "cuda" and bounds:
-        header += CUDA_LAUNCH_BOUNDS.format(threads=dict(template)["NT"], groups=bounds)
     source, header = compact_source(consts + bodies[index]), compact_source(header)
     if flavour == "cuda" and INCLUDE_SOURCES:
         source, header = _included(source), _included(header)
