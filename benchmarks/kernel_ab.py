@@ -5,9 +5,9 @@ code (128K: 67.1 µs a call in one session, 80.6 in the next), more than most ke
 changes gain. Here one process fills the caches once; then every round traces FP16's
 steps and each variant's, the variants in a random order. A variant is a copy of
 `turboquant_kernels.py` (from a branch: `git show BRANCH:mlx_lm/models/turboquant_kernels.py
-> /tmp/v.py`): its HEADER, PARTIAL_BODY and MERGE_BODY replace the module's, under kernel
-names of their own (MLX keeps compiled kernels by name), and the caches' decode plans are
-dropped so that they are made anew. `main` is the installed module's own sources.
+> /tmp/v.py`): its HEADER, PARTIAL_BODY, MERGE_BODY and CUDA_PRELUDE replace the
+module's, under kernel names of their own (MLX keeps compiled kernels by name), and the
+caches' decode plans are dropped so that they are made anew. `main` is the installed module's own sources.
 Printed: medians over the rounds of the partial and merge kernels' µs a call (CUPTI) and
 of a step's busy time (`kernel_trace.busy_us`), and that against FP16's.
 
@@ -34,8 +34,9 @@ from step_split import greedy_step, pipelined, synthetic_cache  # noqa: E402
 from mlx_lm.models import turboquant_kernels as kernels  # noqa: E402
 
 # The module's sources a variant replaces, and the kernels (KERNELS' first two: partial,
-# merge) renamed for it.
-SWAPPED = ("HEADER", "PARTIAL_BODY", "MERGE_BODY")
+# merge) renamed for it. (The CUDA prelude too: the other kernels, built under their own
+# names, keep whichever prelude they were first compiled with.)
+SWAPPED = ("HEADER", "PARTIAL_BODY", "MERGE_BODY", "CUDA_PRELUDE")
 RENAMED = 2
 
 
