@@ -7,7 +7,8 @@ steps and each variant's, the variants in a random order. A variant is a copy of
 `turboquant_kernels.py` (from a branch: `git show BRANCH:mlx_lm/models/turboquant_kernels.py
 > /tmp/v.py`): its HEADER, PARTIAL_BODY, MERGE_BODY and CUDA_PRELUDE replace the
 module's, under kernel names of their own (MLX keeps compiled kernels by name), and the
-caches' decode plans are dropped so that they are made anew. `main` is the installed module's own sources.
+caches' decode plans are dropped so that they are made anew. `main` is the installed
+module's own sources.
 Printed: medians over the rounds of the partial and merge kernels' µs a call (CUPTI) and
 of a step's busy time (`kernel_trace.busy_us`), and that against FP16's.
 

@@ -8,10 +8,10 @@ in /usr/local/cuda/bin), and prints ptxas' report for each: registers, spills, s
 memory. A kernel that spills to local memory, or holds so many registers that few thread
 groups fit on an SM, is slow however few instructions it runs. (NVRTC on the GPU machine
 need not agree with this nvcc: Nsight Compute found 164 registers in the partial kernel
-that this script's nvcc 13.0 compiles to 128, hence its launch bounds for long calls.) Where `cuobjdump` and
-`nvdisasm` are on the PATH (pip: nvidia-cuda-cuobjdump, nvidia-cuda-nvdisasm) it also
-counts the SASS instructions of the tensor-core token loop (one warp's 32 tokens), by
-kind.
+that this script's nvcc 13.0 compiles to 128, hence its launch bounds for long calls.)
+Where `cuobjdump` and `nvdisasm` are on the PATH (pip: nvidia-cuda-cuobjdump,
+nvidia-cuda-nvdisasm) it also counts the SASS instructions of the tensor-core token loop
+(one warp's 32 tokens), by kind.
 
     python benchmarks/kernel_resources.py [--arch sm_90] [--source-only]
 
@@ -74,9 +74,7 @@ def translation_unit(template) -> str:
     header, partial, *_ = kernels.kernel_sources("cuda")
     name, inputs, outputs = kernels.KERNELS[0]
     consts = "".join(f"constexpr int {k} = {int(v)};\n" for k, v in template if k != "MINB")
-    bounds = dict(template).get("MINB", 0)
-    if bounds:  # as `_specialised` writes them
-        header += kernels.CUDA_LAUNCH_BOUNDS.format(threads=dict(template)["NT"], groups=bounds)
+    header += kernels.launch_bounds(template)  # as `_specialised` writes them
     args = [f"const {CUDA_TYPES.get(INPUT_TYPES[n], INPUT_TYPES[n])}* {n}" for n in inputs]
     args += [f"{CUDA_TYPES.get(INPUT_TYPES[n], INPUT_TYPES[n])}* {n}" for n in outputs]
     return (

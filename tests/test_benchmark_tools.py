@@ -305,8 +305,9 @@ def test_kernel_phases_marks_the_partial_kernel_and_reads_the_marks_back():
 
 
 def test_kernel_ab_swaps_the_decode_kernels_sources_and_names(tmp_path):
-    """A variant's HEADER, PARTIAL_BODY, MERGE_BODY and CUDA_PRELUDE are read from its file and build
-    the decode kernels under names of their own; None restores the module's."""
+    """A variant's HEADER, PARTIAL_BODY, MERGE_BODY and CUDA_PRELUDE are read from its
+    file and build the decode kernels under names of their own; None restores the
+    module's."""
     ab = load("kernel_ab")
     from mlx_lm.models import turboquant_kernels as kernels
 

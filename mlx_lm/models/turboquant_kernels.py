@@ -1675,14 +1675,14 @@ def _specialised(backend: str, index: int, template: tuple):
         if isinstance(value, mx.Dtype):
             consts += f"typedef {names[value]} {key};\n"
             tag += f"_{key}{names[value].strip('_')}"
-        elif key == "MINB":  # launch bounds, not read by the body (CUDA only)
+        elif key == "MINB":  # launch bounds (`launch_bounds`), not read by the body
             tag += f"_{key}{int(value)}"
-            if flavour == "cuda":
-                header += CUDA_LAUNCH_BOUNDS.format(threads=dict(template)["NT"], groups=value)
         else:
             consts += f"constexpr int {key} = {int(value)};\n"
             tag += f"_{key}{int(value)}"
     name, inputs, outputs = KERNELS[index]
+    if flavour == "cuda":
+        header += launch_bounds(template)
     source, header = compact_source(consts + bodies[index]), compact_source(header)
     if flavour == "cuda" and INCLUDE_SOURCES:
         source, header = _included(source), _included(header)
@@ -1705,6 +1705,15 @@ CUDA_LAUNCH_BOUNDS = """
 #define __global__ __location__(global) __launch_bounds__({threads}, {groups})
 #endif
 """
+
+
+def launch_bounds(template) -> str:
+    """The CUDA header's last lines for a template with MINB (CUDA_LAUNCH_BOUNDS), else
+    nothing."""
+    constants = dict(template)
+    if not constants.get("MINB"):
+        return ""
+    return CUDA_LAUNCH_BOUNDS.format(threads=constants["NT"], groups=constants["MINB"])
 
 
 # CUDA kernels reach MLX as `#include` lines of files holding their text (`_included`):
