@@ -23,7 +23,7 @@ import numpy as np
 
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.utils import _get_classes, load
+from mlx_lm.utils import _get_classes, load, use_rows_kernel
 
 # Random models of real shapes (speed does not depend on the weights' values), so a
 # benchmark can run where the real weights cannot travel. 4-bit weights like the GGUFs.
@@ -78,6 +78,7 @@ def load_bench_model(name: str, dequantize: bool):
     model.set_dtype(dtype)
     if not dequantize:
         nn.quantize(model, group_size=64, bits=4)
+        use_rows_kernel(model)
     mx.eval(model.parameters())
     return model
 

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from .models.quantized_matmul import use_rows_kernel
 from .tokenizer_utils import TokenizerWrapper, load_tokenizer
 
 # HF model types served by a module of another name.
@@ -188,6 +189,7 @@ def build_model(
             bits=quantization.get("bits", 4),
             class_predicate=_quantization_predicate(quantization, weights),
         )
+        use_rows_kernel(model)
     model.load_weights(list(weights.items()), strict=strict)
     if dequantize:
         _dequantize_model(model)

@@ -338,3 +338,15 @@ def test_kernel_ab_swaps_the_decode_kernels_sources_and_names(tmp_path):
     if kernels.fused_backend() != "cuda":  # the CPU CI: the tool says what it needs
         with pytest.raises(SystemExit, match="needs MLX's CUDA backend"):
             ab.main(["--model", "random:qwen2.5-7b", "--variant", f"probe={path}"])
+
+
+def test_matmul_bench_says_what_it_needs():
+    from mlx_lm.models import turboquant_kernels as kernels
+
+    bench = load("matmul_bench")
+    if kernels.fused_backend() != "cuda":  # the CPU CI
+        with pytest.raises(SystemExit, match="needs MLX's CUDA backend"):
+            bench.main(["--rows", "1"])
+    else:
+        with pytest.raises(SystemExit, match="1 to 8 rows"):
+            bench.main(["--rows", "9"])

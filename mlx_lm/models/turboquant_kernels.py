@@ -1669,17 +1669,7 @@ def _specialised(backend: str, index: int, template: tuple):
     decode step is bound by such host work at batch 1."""
     flavour, maker = KERNEL_MAKERS[backend]
     header, *bodies = kernel_sources(flavour)
-    names = TYPE_NAMES[flavour]
-    consts, tag = "", ""
-    for key, value in template:
-        if isinstance(value, mx.Dtype):
-            consts += f"typedef {names[value]} {key};\n"
-            tag += f"_{key}{names[value].strip('_')}"
-        elif key == "MINB":  # launch bounds (`launch_bounds`), not read by the body
-            tag += f"_{key}{int(value)}"
-        else:
-            consts += f"constexpr int {key} = {int(value)};\n"
-            tag += f"_{key}{int(value)}"
+    consts, tag = template_source(flavour, template)
     name, inputs, outputs = KERNELS[index]
     if flavour == "cuda":
         header += launch_bounds(template)
@@ -1693,6 +1683,23 @@ def _specialised(backend: str, index: int, template: tuple):
         source=source,
         header=header,
     )
+
+
+def template_source(flavour: str, template) -> tuple:
+    """(the source lines that define a template's types and constants, the tag that
+    names the kernel made with them) for "cuda" or "metal"."""
+    names = TYPE_NAMES[flavour]
+    consts, tag = "", ""
+    for key, value in template:
+        if isinstance(value, mx.Dtype):
+            consts += f"typedef {names[value]} {key};\n"
+            tag += f"_{key}{names[value].strip('_')}"
+        elif key == "MINB":  # launch bounds (`launch_bounds`), not read by the body
+            tag += f"_{key}{int(value)}"
+        else:
+            consts += f"constexpr int {key} = {int(value)};\n"
+            tag += f"_{key}{int(value)}"
+    return consts, tag
 
 
 # A template's MINB (thread groups an SM) as launch bounds. MLX's cuda_kernel writes the
