@@ -333,7 +333,13 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
 
     def as_linear(self, x):
         return quantized_matmul(
-            x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits, self.mode
+            x,
+            self["weight"],
+            self["scales"],
+            self.get("biases"),
+            self.group_size,
+            self.bits,
+            self.mode,
         )
 
 
