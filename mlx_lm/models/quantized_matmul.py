@@ -225,6 +225,8 @@ def _template(x, k: int, group_size: int, has_bias: bool) -> tuple:
         ("MAGIC_HALF", int(x.dtype == mx.float16)),
         ("G", group_size),
         ("WARPS", warps_per_tile(k, group_size)),
+        # Groups a warp loads before it multiplies: 256 bytes of each of its 16 rows (8
+        # groups of 64; 4 and 16 were slower on the H200).
         ("U", 512 // group_size),
         ("HAS_BIAS", int(has_bias)),
     )
