@@ -155,3 +155,21 @@ def test_quantized_linear_runs_the_kernel_on_cuda(monkeypatch):
     assert calls, "the kernel did not run"
     ref = nn.QuantizedLinear.__call__(layer, x)
     assert (mx.abs(y - ref).max() / mx.abs(ref).max()).item() < 2e-3
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 8])
+def test_compiled_dispatch_matches_mlx_on_cuda(M):
+    """The path decode takes: `quantized_matmul`'s compiled call per shape, made on the
+    first call and reused on the second (its sizes are a constant of the compiled graph)."""
+    assert qm.COMPILE_CALLS
+    w, scales, biases = quantized(3584, 512, 64)
+    bias = mx.random.normal((512,)).astype(mx.float16)
+    qm._CALLS.clear()
+    for seed in (1, 2):
+        mx.random.seed(seed)
+        x = mx.random.normal((M, 1, 3584)).astype(mx.float16)
+        y = qm.quantized_matmul(x, w, scales, biases, 64, 4, bias=bias)
+        assert qm._CALLS and all(callable(c) for c in qm._CALLS.values())
+        assert relative_error(x, w, scales, biases, 64, bias, y) <= 2e-3
+    qm._CALLS.clear()
