@@ -232,9 +232,8 @@ def _template(x, k: int, group_size: int, has_bias: bool) -> tuple:
     )
 
 
-def _launch(kernel, template, x, w, scales, biases, bias, dims):
-    k, n = x.shape[-1], w.shape[0]
-    warps = dict(template)["WARPS"]
+def _launch(kernel, warps: int, x, w, scales, biases, bias, dims):
+    n = w.shape[0]
     (y,) = kernel(
         inputs=[x, w, scales, biases, bias, dims],
         grid=((n // 16) * 32 * warps, 1, 1),
@@ -245,14 +244,32 @@ def _launch(kernel, template, x, w, scales, biases, bias, dims):
     return y
 
 
+def _rows_call(x, w, group_size: int, has_bias: bool, backend: str = "cuda", compiled=False):
+    """The kernel's call for x's and w's shapes and dtype, as a function of (x, w,
+    scales, biases, bias) with bias an array (`_bias`); `compiled`: through
+    `mx.compile`."""
+    k, n = x.shape[-1], w.shape[0]
+    template = _template(x, k, group_size, has_bias)
+    kernel, warps = _kernel(backend, template), dict(template)["WARPS"]
+    dims = _dims(x.size // k, k, n)
+
+    def call(x, w, scales, biases, bias):
+        return _launch(kernel, warps, x, w, scales, biases, bias, dims)
+
+    return mx.compile(call) if compiled else call
+
+
+def _bias(bias, dtype):
+    """The kernel's bias input: `bias`, or a stand-in the kernel does not read (HAS_BIAS
+    0)."""
+    return kernels._zeros(1, dtype) if bias is None else bias
+
+
 def rows_matmul(x, w, scales, biases, group_size: int, bias=None, backend: str = "cuda"):
     """x [..., K] @ the 4-bit affine W [N, K] (transposed, as `nn.QuantizedLinear` holds
     it) + bias, for at most MAX_ROWS rows of x, by the kernel (see `supports`)."""
-    k, n = x.shape[-1], w.shape[0]
-    template = _template(x, k, group_size, bias is not None)
-    bias = kernels._zeros(1, x.dtype) if bias is None else bias
-    kernel = _kernel(backend, template)
-    return _launch(kernel, template, x, w, scales, biases, bias, _dims(x.size // k, k, n))
+    call = _rows_call(x, w, group_size, bias is not None, backend)
+    return call(x, w, scales, biases, _bias(bias, x.dtype))
 
 
 def supports(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine") -> bool:
@@ -272,61 +289,51 @@ def supports(x, w, scales, biases, group_size: int, bits: int, mode: str = "affi
 
 
 # Compile the kernel's call per shape (`_rows_call`): a decode step makes ~200 of them,
-# and the step is the host's at batch 1.
+# and the step is the host's at batch 1. None where the kernel does not take the call.
 COMPILE_CALLS = True
 _CALLS = {}
 
 
-def _rows_call(x, w, scales, biases, group_size, bits, mode, bias):
-    """The call of `rows_matmul` for these shapes, as a function of (x, w, scales,
-    biases, bias) (compiled: COMPILE_CALLS), or None where the kernel does not take it."""
-    if not supports(x, w, scales, biases, group_size, bits, mode):
-        return None
-    k, n = x.shape[-1], w.shape[0]
-    template = _template(x, k, group_size, bias is not None)
-    kernel = _kernel("cuda", template)
-    dims = _dims(x.size // k, k, n)
-
-    def call(x, w, scales, biases, bias):
-        return _launch(kernel, template, x, w, scales, biases, bias, dims)
-
-    return mx.compile(call) if COMPILE_CALLS else call
-
-
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode="affine", bias=None):
     """`mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)` (+ bias): on CUDA
-    by `rows_matmul` where it takes the call, else by MLX."""
+    by `rows_matmul`'s kernel where it takes the call, else by MLX."""
     if ENABLED and kernels.fused_backend() == "cuda":
-        shape = x.shape
-        key = (shape, x.dtype, w.shape, scales.dtype, group_size, bits, mode, bias is None)
+        key = (x.shape, x.dtype, w.shape, scales.dtype, group_size, bits, mode, bias is None)
         call = _CALLS.get(key, False)
         if call is False:
-            call = _rows_call(x, w, scales, biases, group_size, bits, mode, bias)
+            call = None
+            if supports(x, w, scales, biases, group_size, bits, mode):
+                call = _rows_call(x, w, group_size, bias is not None, compiled=COMPILE_CALLS)
             if len(_CALLS) > 256:  # prompts of many lengths
                 _CALLS.clear()
             _CALLS[key] = call
         if call is not None:
-            return call(x, w, scales, biases, kernels._zeros(1, x.dtype) if bias is None else bias)
+            return call(x, w, scales, biases, _bias(bias, x.dtype))
     y = mx.quantized_matmul(
         x, w, scales, biases, transpose=True, group_size=group_size, bits=bits, mode=mode
     )
     return y if bias is None else y + bias
 
 
+def _layer_matmul(layer: nn.Module, x):
+    """A quantized layer's x W^T (+ its bias) by `quantized_matmul`."""
+    return quantized_matmul(
+        x,
+        layer["weight"],
+        layer["scales"],
+        layer.get("biases"),
+        layer.group_size,
+        layer.bits,
+        layer.mode,
+        layer.get("bias"),
+    )
+
+
 class QuantizedLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` whose decode calls (a few rows) run `rows_matmul` on CUDA."""
 
     def __call__(self, x):
-        return quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            self.group_size,
-            self.bits,
-            self.mode,
-            self.get("bias"),
-        )
+        return _layer_matmul(self, x)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):
@@ -334,15 +341,7 @@ class QuantizedEmbedding(nn.QuantizedEmbedding):
     `QuantizedLinear` does."""
 
     def as_linear(self, x):
-        return quantized_matmul(
-            x,
-            self["weight"],
-            self["scales"],
-            self.get("biases"),
-            self.group_size,
-            self.bits,
-            self.mode,
-        )
+        return _layer_matmul(self, x)
 
 
 def use_rows_kernel(model: nn.Module) -> nn.Module:
