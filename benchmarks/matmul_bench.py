@@ -56,10 +56,10 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=36)
     p.add_argument("--output", help="also write the table to this file")
     args = p.parse_args(argv)
+    if not 1 <= min(args.rows) <= max(args.rows) <= qm.MAX_ROWS:
+        raise SystemExit(f"--rows: the kernel takes 1 to {qm.MAX_ROWS} rows.")
     if kernels.fused_backend() != "cuda":
         raise SystemExit("matmul_bench.py needs MLX's CUDA backend (the rows kernel is CUDA's).")
-    if max(args.rows) > qm.MAX_ROWS:
-        raise SystemExit(f"--rows: the kernel takes 1 to {qm.MAX_ROWS} rows.")
 
     lines = [
         f"4-bit (group size {args.group_size}) float16 matmuls on {mx.default_device()}; "
